@@ -1,0 +1,16 @@
+"""Packaging glue that pyproject.toml cannot express: the top-level source folders `kernels/`
+and `csrc/` install inside the matta package, as `matta.kernels` and `matta/csrc`.
+
+A top-level `import kernels` could resolve to an unrelated PyPI package, so the Triton
+kernels are only ever installed and imported as a subpackage of matta.
+"""
+from setuptools import find_packages, setup
+
+matta_packages = find_packages(include=["matta", "matta.*"])
+kernel_packages = ["matta.kernels" + name[len("kernels"):] for name in find_packages(include=["kernels", "kernels.*"])]
+
+setup(
+    packages=matta_packages + kernel_packages + ["matta.csrc"],
+    package_dir={"matta.kernels": "kernels", "matta.csrc": "csrc"},
+    package_data={"matta.csrc": ["*.cpp", "*.cu", "*.h", "*.cuh"]},
+)

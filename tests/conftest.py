@@ -1,0 +1,43 @@
+"""Shared test set-up.
+
+Tests run on the CPU by default. There the Triton kernels run through Triton's interpreter,
+which must be switched on before any kernel module is imported, so it is done here, first.
+On a GPU machine `MATTA_TEST_DEVICE=cuda` runs the same tests on compiled kernels.
+
+Every test gets fresh random inputs: the seed is drawn anew and printed, so a failure
+shows it; `MATTA_TEST_SEED=N` replays one.
+"""
+import os
+import random
+
+TEST_DEVICE = os.environ.get("MATTA_TEST_DEVICE", "cpu")
+if TEST_DEVICE == "cpu":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+BACKENDS = ("torch", "triton")
+
+
+@pytest.fixture(autouse=True)
+def fresh_seed():
+    seed = int(os.environ.get("MATTA_TEST_SEED", random.SystemRandom().randrange(2**31)))
+    torch.manual_seed(seed)
+    random.seed(seed)
+    print(f"MATTA_TEST_SEED={seed}")
+    return seed
+
+
+@pytest.fixture
+def device():
+    return torch.device(TEST_DEVICE)
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request, monkeypatch):
+    """Runs the test once per backend, with MATTA_BACKEND forced accordingly."""
+    if request.param == "triton":
+        pytest.importorskip("triton")
+    monkeypatch.setenv("MATTA_BACKEND", request.param)
+    return request.param
