@@ -1,0 +1,313 @@
+"""NestedLinear and the nested_linear op against slicing + F.linear and a float64 oracle."""
+import pytest
+import torch
+from torch import nn
+
+from matta import NestedLinear, nested_linear
+from matta.ops.nested_linear import nested_linear_reference
+
+# (T, M_S, M_TA, N_S, N_TA): odd sizes that straddle the 32-wide interpreter tiles, plus the
+# degenerate nestings N_S == N_TA and M_S == M_TA.
+SHAPES = [
+    (37, 19, 45, 23, 51),
+    (5, 33, 33, 17, 70),
+    (66, 40, 71, 41, 41),
+]
+# Floors under the 2x rule, per dtype: the float64 oracle's own rounding is negligible, but
+# a kernel and PyTorch may both be exact to within an ulp.
+FLOOR = {torch.float32: 2e-6, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+def rel_err(value, oracle):
+    value, oracle = value.double(), oracle.double()
+    return ((value - oracle).norm() / oracle.norm().clamp_min(1e-30)).item()
+
+
+def make_problem(shape, *, one_input, shared, bias, dtype, device, lead=()):
+    t, m_s, m_ta, n_s, n_ta = shape
+    def rand(*size):
+        return torch.randn(*size, dtype=dtype, device=device, requires_grad=True)
+    weight = rand(n_ta, m_ta)
+    problem = {
+        "x_s": rand(*lead, t, m_ta if one_input else m_s),
+        "x_ta": None if one_input else rand(*lead, t, m_ta),
+        "weight": weight,
+        "bias": rand(n_ta) if bias else None,
+        "student_weight": None if shared else rand(n_s, m_s),
+        "student_bias": rand(n_s) if bias and not shared else None,
+    }
+    return problem, (n_s, m_s)
+
+
+def run(fn, problem, student_features, grads_out):
+    """Outputs and gradients of every tensor input for upstream gradients grads_out."""
+    args = (problem["x_s"], problem["x_ta"], problem["weight"], problem["bias"])
+    y_s, y_ta = fn(*args, student_features=student_features, student_weight=problem["student_weight"],
+                   student_bias=problem["student_bias"])
+    inputs = [v for v in problem.values() if v is not None]
+    loss = (y_s.float() * grads_out[0]).sum() + (y_ta.float() * grads_out[1]).sum()
+    return [y_s, y_ta, *torch.autograd.grad(loss, inputs)]
+
+
+def detached_as(problem, dtype):
+    return {k: None if v is None else v.detach().to(dtype).requires_grad_() for k, v in problem.items()}
+
+
+def assert_matches_oracle(problem, student_features, dtype):
+    """Kernel output and gradients vs float64 oracle, within 2x PyTorch's error in `dtype`."""
+    t_lead = problem["x_s"].shape[:-1]
+    n_s, n_ta = student_features[0], problem["weight"].shape[0]
+    grads_out = (torch.randn(*t_lead, n_s, device=problem["weight"].device),
+                 torch.randn(*t_lead, n_ta, device=problem["weight"].device))
+    got = run(nested_linear, problem, student_features, grads_out)
+    torch_same = run(nested_linear_reference, detached_as(problem, dtype), student_features, grads_out)
+    oracle = run(nested_linear_reference, detached_as(problem, torch.float64), student_features,
+                 [g.double() for g in grads_out])
+    assert len(got) == len(oracle)
+    for i, (g, ref, o) in enumerate(zip(got, torch_same, oracle)):
+        assert g.shape == o.shape and g.dtype == dtype, (i, g.shape, o.shape, g.dtype)
+        assert torch.isfinite(g).all(), f"output {i} has non-finite values"
+        bound = 2 * rel_err(ref, o) + FLOOR[dtype]
+        assert rel_err(g, o) <= bound, f"output {i}: error {rel_err(g, o):.3g} > {bound:.3g}"
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("one_input", [False, True])
+@pytest.mark.parametrize("shared", [True, False])
+@pytest.mark.parametrize("bias", [True, False])
+def test_fp32_forward_backward(backend, device, shape, one_input, shared, bias):
+    problem, sf = make_problem(shape, one_input=one_input, shared=shared, bias=bias, dtype=torch.float32,
+                               device=device)
+    assert_matches_oracle(problem, sf, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("one_input", [False, True])
+def test_half_precision(backend, device, dtype, one_input):
+    problem, sf = make_problem(SHAPES[0], one_input=one_input, shared=True, bias=True, dtype=dtype, device=device)
+    assert_matches_oracle(problem, sf, dtype)
+
+
+@pytest.mark.parametrize("one_input", [False, True])
+def test_three_dim_inputs(backend, device, one_input):
+    problem, sf = make_problem((7, 19, 45, 23, 51), one_input=one_input, shared=True, bias=True,
+                               dtype=torch.float32, device=device, lead=(3,))
+    assert_matches_oracle(problem, sf, torch.float32)
+
+
+def test_non_contiguous_inputs(backend, device):
+    t, m_s, m_ta, n_s, n_ta = 29, 13, 35, 21, 40
+    x_s = torch.randn(m_s, t, device=device).t().requires_grad_()
+    x_ta = torch.randn(t, 2 * m_ta, device=device)[:, ::2].requires_grad_()
+    weight = torch.randn(m_ta, n_ta, device=device).t().requires_grad_()
+    problem = {"x_s": x_s, "x_ta": x_ta, "weight": weight, "bias": None, "student_weight": None,
+               "student_bias": None}
+    assert not (x_s.is_contiguous() or x_ta.is_contiguous() or weight.is_contiguous())
+    assert_matches_oracle(problem, (n_s, m_s), torch.float32)
+
+
+def test_gradcheck_float64(device):
+    # float64 always takes the PyTorch path (see matta.ops.nested_linear); gradcheck checks
+    # that its hand-written backward is the derivative of its forward.
+    for one_input in (False, True):
+        problem, sf = make_problem((4, 3, 5, 2, 6), one_input=one_input, shared=True, bias=True,
+                                   dtype=torch.float64, device=device)
+        args = [v for v in (problem["x_s"], problem["x_ta"], problem["weight"], problem["bias"])]
+
+        def fn(*tensors):
+            it = iter(tensors)
+            x_s = next(it)
+            x_ta = None if one_input else next(it)
+            return nested_linear(x_s, x_ta, next(it), next(it), student_features=sf)
+
+        assert torch.autograd.gradcheck(fn, [a for a in args if a is not None])
+
+
+def test_gradcheck_unshared_float64(device):
+    problem, sf = make_problem((4, 3, 5, 2, 6), one_input=False, shared=False, bias=True, dtype=torch.float64,
+                               device=device)
+    names = ["x_s", "x_ta", "weight", "bias", "student_weight", "student_bias"]
+
+    def fn(x_s, x_ta, weight, bias, student_weight, student_bias):
+        return nested_linear(x_s, x_ta, weight, bias, student_features=sf, student_weight=student_weight,
+                             student_bias=student_bias)
+
+    assert torch.autograd.gradcheck(fn, [problem[n] for n in names])
+
+
+@pytest.mark.parametrize("frozen", ["x", "weight", "bias"])
+def test_partial_requires_grad(backend, device, frozen):
+    layer = NestedLinear((9, 21), (11, 30), device=device)
+    x_s = torch.randn(13, 9, device=device, requires_grad=frozen != "x")
+    x_ta = torch.randn(13, 21, device=device, requires_grad=frozen != "x")
+    getattr(layer, frozen if frozen != "x" else "weight").requires_grad_(frozen == "x")
+    y_s, y_ta = layer(x_s, x_ta)
+    (y_s.sum() + y_ta.square().sum()).backward()
+    ref_s, ref_ta = nested_linear_reference(x_s.detach(), x_ta.detach(), layer.weight.detach(),
+                                            layer.bias.detach(), student_features=(11, 9))
+    torch.testing.assert_close(y_ta, ref_ta, rtol=1e-5, atol=1e-5)
+    for name in ("weight", "bias"):
+        param = getattr(layer, name)
+        assert (param.grad is None) == (name == frozen)
+    if frozen == "x":
+        assert x_s.grad is None and x_ta.grad is None
+    else:
+        expected_dx_s = torch.ones(13, 11, device=device) @ layer.weight.detach()[:11, :9]
+        torch.testing.assert_close(x_s.grad, expected_dx_s, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("one_input", [False, True])
+def test_empty_batch(backend, device, one_input):
+    layer = NestedLinear((4, 6), (3, 5), device=device)
+    x = torch.randn(0, 6, device=device, requires_grad=True)
+    y_s, y_ta = layer(x) if one_input else layer(torch.randn(0, 4, device=device, requires_grad=True), x)
+    assert y_s.shape == (0, 3) and y_ta.shape == (0, 5)
+    (y_s.sum() + y_ta.sum()).backward()
+    assert torch.equal(layer.weight.grad, torch.zeros_like(layer.weight))
+    assert torch.equal(layer.bias.grad, torch.zeros_like(layer.bias))
+
+
+# --------------------------------------------------------------------------------------
+# The module.
+
+
+def test_student_block_is_a_view_of_the_weight(device):
+    layer = NestedLinear((3, 5), (4, 7), device=device)
+    x = torch.randn(2, 5, device=device)
+    y_s, _ = layer(x)
+    with torch.no_grad():
+        layer.weight[4:].add_(1.0)  # TA-only rows
+        layer.weight[:4, 3:].add_(1.0)  # TA-only columns
+    torch.testing.assert_close(layer(x)[0], y_s)
+    with torch.no_grad():
+        layer.weight[:4, :3].add_(1.0)
+    assert not torch.allclose(layer(x)[0], y_s)
+
+
+def test_plain_linear_copies_compute_the_same(backend, device):
+    for shared in (True, False):
+        layer = NestedLinear((6, 10), (5, 12), share_weights=shared, device=device)
+        x_s, x_ta = torch.randn(7, 6, device=device), torch.randn(7, 10, device=device)
+        y_s, y_ta = layer(x_s, x_ta)
+        student, ta = layer.student_linear(), layer.ta_linear()
+        assert isinstance(student, nn.Linear) and (student.in_features, student.out_features) == (6, 5)
+        torch.testing.assert_close(student(x_s), y_s, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(ta(x_ta), y_ta, rtol=1e-5, atol=1e-6)
+        # copies, not views
+        with torch.no_grad():
+            student.weight.zero_()
+        assert layer.weight.abs().sum() > 0
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_from_linear_copies_exactly(device, shared):
+    linear = nn.Linear(6, 5, device=device)
+    layer = NestedLinear.from_linear(linear, in_features=(6, 10), out_features=(5, 12), share_weights=shared)
+    student = layer.student_linear()
+    assert torch.equal(student.weight, linear.weight) and torch.equal(student.bias, linear.bias)
+    assert torch.equal(layer.weight[:5, :6], linear.weight)
+    # The TA starts as the Student on the shared units (extra inputs of Student rows are zero).
+    assert torch.count_nonzero(layer.weight[:5, 6:]) == 0
+    x = torch.randn(3, 10, device=device)
+    _, y_ta = layer(x)
+    torch.testing.assert_close(y_ta[:, :5], linear(x[:, :6]))
+    with pytest.raises(ValueError, match="maps 6 -> 5"):
+        NestedLinear.from_linear(linear, in_features=(4, 10), out_features=(5, 12))
+
+
+def test_initialisation_scales(device):
+    layer = NestedLinear((16, 400), (32, 64), device=device)
+    student_bound = 1 / 16**0.5
+    assert layer.weight[:32, :16].abs().max() <= student_bound
+    assert layer.weight[:32, :16].abs().max() > 0.5 * student_bound
+    assert layer.weight[32:].abs().max() <= 1 / 400**0.5
+
+
+@pytest.mark.parametrize(
+    "in_features, out_features, match",
+    [
+        ((5, 4), (2, 3), "Student size \\(5\\) must not exceed the TA size \\(4\\)"),
+        ((2, 4), (4, 3), "Student size \\(4\\) must not exceed the TA size \\(3\\)"),
+        ((0, 4), (2, 3), "must be positive"),
+        ((2, 4), (-1, 3), "must be positive"),
+    ],
+)
+def test_bad_construction(in_features, out_features, match):
+    with pytest.raises(ValueError, match=match):
+        NestedLinear(in_features, out_features)
+
+
+def test_bad_construction_type():
+    with pytest.raises(TypeError, match="pair"):
+        NestedLinear(4, (2, 3))
+
+
+def test_bad_calls(device):
+    layer = NestedLinear((3, 5), (4, 7), device=device)
+    with pytest.raises(ValueError, match="x must have last dimension 5, got shape \\(2, 3\\)"):
+        layer(torch.randn(2, 3, device=device))
+    with pytest.raises(ValueError, match="x_s must have last dimension 3"):
+        layer(torch.randn(2, 4, device=device), torch.randn(2, 5, device=device))
+    with pytest.raises(ValueError, match="x_ta must have last dimension 5"):
+        layer(torch.randn(2, 3, device=device), torch.randn(2, 6, device=device))
+    with pytest.raises(ValueError, match="leading dimensions \\(3,\\) but x_s has \\(2,\\)"):
+        layer(torch.randn(2, 3, device=device), torch.randn(3, 5, device=device))
+    with pytest.raises(TypeError, match="dtype torch.float64 but the weight has dtype torch.float32"):
+        layer(torch.randn(2, 5, dtype=torch.float64, device=device))
+    with pytest.raises(ValueError, match="is on meta but the weight is on"):
+        layer(torch.randn(2, 5, device="meta"))
+    with pytest.raises(TypeError, match="must be a torch.Tensor"):
+        layer([[1.0] * 5])
+    with pytest.raises(ValueError, match="student_bias needs student_weight"):
+        nested_linear(torch.randn(2, 5), None, torch.randn(7, 5), student_features=(4, 3),
+                      student_bias=torch.randn(4))
+    with pytest.raises(ValueError, match="N_S must be in \\[1, N_TA=7\\], got 8"):
+        nested_linear(torch.randn(2, 5), None, torch.randn(7, 5), student_features=(8, 3))
+
+
+def test_cpu_autocast_runs_in_bf16():
+    layer = NestedLinear((8, 16), (12, 24))
+    x = torch.randn(5, 16, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y_s, y_ta = layer(x)
+    assert y_s.dtype == y_ta.dtype == torch.bfloat16
+    (y_s.float().sum() + y_ta.float().sum()).backward()
+    assert layer.weight.grad.dtype == torch.float32 and x.grad.dtype == torch.float32
+
+
+def test_torch_compile_sees_one_op():
+    """A compiled model with a NestedLinear runs, matches eager, and keeps the op whole."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.up = NestedLinear((8, 8), (12, 20))
+            self.down = NestedLinear((12, 20), (8, 8))
+
+        def forward(self, x):
+            h_s, h_ta = self.up(x)
+            return self.down(torch.relu(h_s), torch.relu(h_ta))
+
+    model = Model()
+    x = torch.randn(2, 5, 8, requires_grad=True)
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(model, backend=counter, fullgraph=True)
+    outs = compiled(x)
+    (outs[0].sum() + outs[1].sum()).backward()
+    assert counter.frame_count == 1
+    for got, ref in zip(outs, model(x)):
+        torch.testing.assert_close(got, ref)
+    grad = x.grad.clone()
+    x.grad = None
+    ref = model(x)
+    (ref[0].sum() + ref[1].sum()).backward()
+    torch.testing.assert_close(grad, x.grad)
+
+
+def test_torch_compile_inductor_cpu():
+    layer = NestedLinear((8, 16), (12, 24))
+    x = torch.randn(6, 16)
+    compiled = torch.compile(layer, fullgraph=True)
+    for got, ref in zip(compiled(x), layer(x)):
+        torch.testing.assert_close(got, ref)
