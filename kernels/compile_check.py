@@ -93,14 +93,17 @@ def main(argv=None) -> int:
     if not specs:
         print(f"compile_check: no kernel spec matches {args.filter!r}", file=sys.stderr)
         return 2
-    results = [compile_spec(spec, arch) for spec in specs for arch in args.arch]
-    for r in results:
-        status = "ok  " if r["ok"] else "FAIL"
-        detail = r.get("error") or (
-            f"shared {r['shared']:>6} B  regs {r.get('registers', '?'):>3}  spill {r.get('spill_bytes', '?')} B"
-            f"{'  wgmma' if r.get('wgmma') else ''}"
-        )
-        print(f"{status} sm_{r['arch']} {r['name']:<64} {detail}")
+    results = []
+    for spec in specs:
+        for arch in args.arch:
+            r = compile_spec(spec, arch)
+            results.append(r)
+            status = "ok  " if r["ok"] else "FAIL"
+            detail = r.get("error") or (
+                f"shared {r['shared']:>6} B  regs {r.get('registers', '?'):>3}  spill {r.get('spill_bytes', '?')} B"
+                f"  {r['seconds']:5.1f} s{'  wgmma' if r.get('wgmma') else ''}"
+            )
+            print(f"{status} sm_{r['arch']} {r['name']:<64} {detail}", flush=True)
     failed = [r for r in results if not r["ok"]]
     print(f"{len(results) - len(failed)} passed, {len(failed)} failed")
     if args.json:

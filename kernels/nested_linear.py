@@ -30,27 +30,37 @@ from ._compile_specs import CompileSpec, register_compile_spec
 
 NONE, SEPARATE, ADD, PREFIX = 0, 1, 2, 3
 
+# (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages). 16-bit: two warpgroups on the large tiles for
+# Hopper's wgmma, smaller tiles for thin problems (small T, few output columns). fp32 tiles
+# take twice the bytes, and a Student-block tile may stream four operands per stage, so
+# their K step and pipeline depth are smaller to fit sm_80's 163 KiB of shared memory.
+_TILES = {
+    2: [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4)],
+    4: [(128, 128, 32, 8, 2), (64, 128, 32, 4, 3), (128, 64, 32, 4, 3), (64, 64, 32, 4, 3)],
+}
+
+
+def _gpu_configs(element_size):
+    return [
+        triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8}, num_warps=w, num_stages=s)
+        for m, n, k, w, s in _TILES[element_size]
+    ]
+
+
 def _configs():
     if triton_interpreting():
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}, num_warps=4, num_stages=1)]
-    configs = _hopper_configs()
-    # MATTA_AUTOTUNE=0 (GPU test runs) skips tuning: every new shape would otherwise time all configs.
-    return configs[:1] if os.environ.get("MATTA_AUTOTUNE", "1") == "0" else configs
+    return _gpu_configs(2) + _gpu_configs(4)
 
 
-def _hopper_configs():
-    # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages): two warpgroups on the large tiles for
-    # Hopper's wgmma, smaller tiles for thin problems (small T, few output columns).
-    shapes = [
-        (128, 128, 64, 8, 3),
-        (128, 256, 64, 8, 3),
-        (64, 128, 64, 4, 4),
-        (128, 64, 64, 4, 4),
-    ]
-    return [
-        triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8}, num_warps=w, num_stages=s)
-        for m, n, k, w, s in shapes
-    ]
+def _configs_for_dtype(configs, named_args, **kwargs):
+    """Autotune prune: the tile set of the operand width; the first only with MATTA_AUTOTUNE=0
+    (GPU test runs, where tuning every new test shape would cost minutes)."""
+    if triton_interpreting():
+        return configs
+    wanted = _gpu_configs(named_args["a_ptr"].element_size())
+    keep = [c for c in configs if any(c.kwargs == w.kwargs and c.num_stages == w.num_stages for w in wanted)]
+    return keep[:1] if os.environ.get("MATTA_AUTOTUNE", "1") == "0" else keep
 
 
 @triton.jit
@@ -84,7 +94,11 @@ def _row_sums(a_ptr, stride_ap, stride_ar, rows, n_rows, n_red, BLOCK_K: tl.cons
     return total
 
 
-@triton.autotune(configs=_configs(), key=["P", "Q", "R", "P2", "Q2", "R2", "SUB_MODE", "FOLD", "SHARE_B"])
+@triton.autotune(
+    configs=_configs(),
+    key=["P", "Q", "R", "P2", "Q2", "R2", "SUB_MODE", "FOLD", "SHARE_B"],
+    prune_configs_by={"early_config_prune": _configs_for_dtype},
+)
 @triton.jit
 def _nested_matmul_kernel(
     a_ptr, b_ptr, c_ptr, bias_ptr, a2_ptr, b2_ptr, c2_ptr, bias2_ptr, sums_ptr, sums2_ptr,
@@ -309,7 +323,7 @@ def nested_linear_backward(grad_s, grad_ta, x_s, x_ta, weight, student_weight, n
 
 def _register_compile_specs():
     """The launchable variants, with the largest tiles (worst case for registers/shared memory)."""
-    for dtype in ("bf16", "fp32"):
+    for dtype, element_size in (("bf16", 2), ("fp32", 4)):
         ptr = f"*{dtype}"
         signature = {
             "a_ptr": ptr, "b_ptr": ptr, "c_ptr": ptr, "bias_ptr": ptr, "a2_ptr": ptr, "b2_ptr": ptr,
@@ -330,7 +344,7 @@ def _register_compile_specs():
         }
         for name, flags in variants.items():
             flags = {"ROW_SUMS": False, "ROW_SUMS2": False, **flags}
-            for config in _hopper_configs():
+            for config in _gpu_configs(element_size):
                 constexprs = {**flags, "PRECISION": "tf32" if dtype == "fp32" else "ieee", "UPCAST": False, **config.kwargs}
                 tiles = "x".join(str(config.kwargs[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
                 register_compile_spec(CompileSpec(

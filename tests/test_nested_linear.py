@@ -273,6 +273,14 @@ def test_cpu_autocast_runs_in_bf16():
     assert y_s.dtype == y_ta.dtype == torch.bfloat16
     (y_s.float().sum() + y_ta.float().sum()).backward()
     assert layer.weight.grad.dtype == torch.float32 and x.grad.dtype == torch.float32
+    # Inputs that an earlier op under autocast already made bf16 meet fp32 parameters.
+    x_s, x_ta = torch.randn(5, 8, dtype=torch.bfloat16), torch.randn(5, 16, dtype=torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y_s, y_ta = layer(x_s, x_ta)
+    ref_s, ref_ta = nested_linear_reference(x_s.float(), x_ta.float(), layer.weight, layer.bias,
+                                            student_features=(12, 8))
+    torch.testing.assert_close(y_s.float(), ref_s, rtol=3e-2, atol=3e-2)
+    torch.testing.assert_close(y_ta.float(), ref_ta, rtol=3e-2, atol=3e-2)
 
 
 def test_torch_compile_sees_one_op():
@@ -311,3 +319,18 @@ def test_torch_compile_inductor_cpu():
     compiled = torch.compile(layer, fullgraph=True)
     for got, ref in zip(compiled(x), layer(x)):
         torch.testing.assert_close(got, ref)
+
+
+@pytest.mark.parametrize("used", ["student", "ta"])
+def test_backward_through_one_output(backend, device, used):
+    layer = NestedLinear((6, 10), (5, 12), device=device)
+    x_s = torch.randn(9, 6, device=device, requires_grad=True)
+    x_ta = torch.randn(9, 10, device=device, requires_grad=True)
+    y = layer(x_s, x_ta)[0 if used == "student" else 1]
+    y.square().sum().backward()
+    inputs = (x_s, x_ta, layer.weight, layer.bias)
+    got = [t.grad.clone() if t.grad is not None else torch.zeros_like(t) for t in inputs]
+    ref = nested_linear_reference(x_s, x_ta, layer.weight, layer.bias, student_features=(5, 6))
+    expected = torch.autograd.grad(ref[0 if used == "student" else 1].square().sum(), inputs, allow_unused=True)
+    for g, e, t in zip(got, expected, inputs):
+        torch.testing.assert_close(g, torch.zeros_like(t) if e is None else e, rtol=1e-5, atol=1e-5)

@@ -1,4 +1,8 @@
-"""Autograd-aware ops with their plain-PyTorch references, and backend dispatch."""
+"""Autograd-aware ops with their plain-PyTorch references, backend dispatch and matrix functions."""
+from .matrix_functions import RootDiagnostics, matrix_inverse_root, matrix_inverse_root_reference
 from .nested_linear import nested_linear, nested_linear_reference
 
-__all__ = ["nested_linear", "nested_linear_reference"]
+__all__ = [
+    "nested_linear", "nested_linear_reference",
+    "matrix_inverse_root", "matrix_inverse_root_reference", "RootDiagnostics",
+]

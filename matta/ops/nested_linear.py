@@ -190,8 +190,8 @@ def _backward(ctx, grad_s, grad_ta):
         student_weight is not None and g[4],
         has_student_bias and g[5],
     ]
-    grad_s = torch.zeros_like(x_ta[:, :0].expand(-1, n_s)) if grad_s is None else grad_s.contiguous()
-    grad_ta = torch.zeros_like(x_ta[:, :0].expand(-1, weight.shape[0])) if grad_ta is None else grad_ta.contiguous()
+    # Autograd materialises an unused output's gradient as zeros, so both are tensors here.
+    grad_s, grad_ta = grad_s.contiguous(), grad_ta.contiguous()
     grads = _nested_linear_backward_op(grad_s, grad_ta, x_s, x_ta, weight, student_weight, n_s, m_s, one_input, needs)
     dx_s, dx_ta, dw, db, dws, dbs = (gr if need else None for gr, need in zip(grads, needs))
     return dx_s, dx_ta, dw, db, dws, dbs, None, None, None
@@ -253,6 +253,14 @@ def nested_linear(x_s, x_ta, weight, bias=None, *, student_features, student_wei
         raise ValueError(f"weight must be a 2-D tensor (N_TA, M_TA), got {getattr(weight, 'shape', type(weight))}")
     n_ta, m_ta = weight.shape
     n_s, m_s = check_student_features(student_features, weight.shape)
+    if weight.device.type != "meta" and torch.is_autocast_enabled(weight.device.type):
+        # Like F.linear under autocast: every operand in the autocast dtype (gradients flow
+        # back through the casts to the fp32 parameters).
+        cast = torch.get_autocast_dtype(weight.device.type)
+        x_s, x_ta, weight, bias, student_weight, student_bias = (
+            t.to(cast) if isinstance(t, Tensor) and t.is_floating_point() else t
+            for t in (x_s, x_ta, weight, bias, student_weight, student_bias)
+        )
     dtype, device = weight.dtype, weight.device
     one_input = x_ta is None
     if one_input:
@@ -274,13 +282,6 @@ def nested_linear(x_s, x_ta, weight, bias=None, *, student_features, student_wei
                 raise ValueError(f"student_bias must be 1-D ({n_s},), got shape {tuple(student_bias.shape)}")
     elif student_bias is not None:
         raise ValueError("student_bias needs student_weight (a shared Student uses bias[:N_S])")
-
-    if device.type != "meta" and torch.is_autocast_enabled(device.type):
-        cast = torch.get_autocast_dtype(device.type)
-        x_s, weight = x_s.to(cast), weight.to(cast)
-        x_ta, bias, student_weight, student_bias = (
-            None if t is None else t.to(cast) for t in (x_ta, bias, student_weight, student_bias)
-        )
 
     lead = x_s.shape[:-1]
     x_ta2 = x_s.reshape(-1, m_ta) if one_input else x_ta.reshape(-1, m_ta)

@@ -1,7 +1,7 @@
 """Forward+backward time of a nested Dense layer: naive module vs matta, against a GEMM ceiling.
 
-    python benchmarks/nested_linear.py                 # CPU, fp32, small T
-    python benchmarks/nested_linear.py --gpu --json out.json   # CUDA, bf16, T up to 16384
+    python benchmarks/bench_nested_linear.py                 # CPU, fp32, small T
+    python benchmarks/bench_nested_linear.py --gpu --json out.json   # CUDA, bf16, T up to 16384
 
 Variants, timed in the same run on the same inputs:
 - naive: what users write today: slice the weight, two F.linear calls, autograd.
@@ -55,23 +55,29 @@ def matta(backend):
     return run
 
 
-def time_ms(fn, device, repeats, warmup):
-    for _ in range(warmup):
+def _elapsed_ms(fn, device):
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
         fn()
-    times = []
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end)
+    begin = time.perf_counter()
+    fn()
+    return (time.perf_counter() - begin) * 1e3
+
+
+def time_interleaved_ms(fns, device, repeats, warmup):
+    """Median ms of each function; the functions take turns, so drifting load hits all alike."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times = {name: [] for name in fns}
     for _ in range(repeats):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            begin = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - begin) * 1e3)
-    return statistics.median(times)
+        for name, fn in fns.items():
+            times[name].append(_elapsed_ms(fn, device))
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def bench_shape(name, t, dtype, device, repeats, warmup, variants):
@@ -105,19 +111,18 @@ def bench_shape(name, t, dtype, device, repeats, warmup, variants):
             torch.autograd.backward((y_s, y_ta), (g_s, g_ta))
         fns[variant] = step
 
+    medians = time_interleaved_ms(fns, device, repeats, warmup)
     rows = []
-    for variant, fn in fns.items():
-        for p in (weight, bias, x_s, x_ta, w_eq, x_eq):
-            if p is not None:
-                p.grad = None
-        if device.type == "cuda":
+    for variant, ms in medians.items():
+        rows.append({"shape": name, "T": t, "dtype": str(dtype).replace("torch.", ""), "variant": variant,
+                     "median_ms": ms, "tflops": total / ms / 1e9})
+    if device.type == "cuda":
+        for variant, fn in fns.items():  # peak memory of one step of each, measured alone
+            torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
-        ms = time_ms(fn, device, repeats, warmup)
-        row = {"shape": name, "T": t, "dtype": str(dtype).replace("torch.", ""), "variant": variant,
-               "median_ms": ms, "tflops": total / ms / 1e9}
-        if device.type == "cuda":
-            row["peak_mem_mib"] = torch.cuda.max_memory_allocated() / 2**20
-        rows.append(row)
+            fn()
+            torch.cuda.synchronize()
+            next(r for r in rows if r["variant"] == variant)["peak_mem_mib"] = torch.cuda.max_memory_allocated() / 2**20
     base = {r["variant"]: r["median_ms"] for r in rows}
     for r in rows:
         r["speedup_vs_naive"] = base["naive"] / r["median_ms"]

@@ -1,0 +1,312 @@
+"""The `matta` command line: train, extract, eval, bench.
+
+    matta train   --out RUN_DIR [--model ...] [--data ...] [--mode ...] [--optimizer ...] ...
+    matta extract --run RUN_DIR --spec student|ta|wide_narrow_wide:K|all --out DIR [--hf]
+    matta eval    --run RUN_DIR [--models student,ta,family] [--tasks val,lambada:PATH,choice:PATH]
+    matta bench   [nested_linear loss shampoo models]
+
+A usage problem (bad flag value, missing file, unknown model, memory, checkpoint) prints one
+line naming the problem and the fix and exits with code 2; `--debug` shows the traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from .data import DataError
+from .evaluation import TaskError
+from .train.checkpoint import CheckpointError
+from .train.config import BOOL_FIELDS, FIELDS, ConfigError, coerce, load_toml, make_config
+
+USAGE_ERRORS = (ConfigError, DataError, CheckpointError, TaskError)
+
+
+class CLIError(ValueError):
+    """A usage error found by the command line itself."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        raise CLIError(f"{message}; see `{self.prog} --help`")
+
+
+# ----------------------------------------------------------------------------------------
+# train
+
+
+def _add_train_flags(p: argparse.ArgumentParser) -> None:
+    for name, f in FIELDS.items():
+        flag = "--" + name.replace("_", "-")
+        help_text = f.metadata["help"]
+        if name in BOOL_FIELDS:
+            group = p.add_mutually_exclusive_group()
+            group.add_argument(flag, dest=name, action="store_const", const=True, default=argparse.SUPPRESS,
+                               help=f"{help_text} (default: {f.default}; --no-{name.replace('_', '-')} for off)")
+            group.add_argument("--no-" + name.replace("_", "-"), dest=name, action="store_const", const=False,
+                               default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        else:
+            default = ",".join(str(v) for v in f.default) if isinstance(f.default, tuple) else f.default
+            p.add_argument(flag, dest=name, default=argparse.SUPPRESS, choices=f.metadata["choices"],
+                           metavar=None if f.metadata["choices"] else name.upper(),
+                           help=f"{help_text} (default: {default})")
+    p.add_argument("--config", metavar="FILE.toml", help="read settings from a TOML file (flags win)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
+
+
+def _train_values(args) -> tuple[dict, bool]:
+    flags = {name: coerce(name, getattr(args, name)) for name in FIELDS if hasattr(args, name)}
+    from_file = load_toml(args.config) if args.config else {}
+    out = Path(flags.get("out", from_file.get("out", FIELDS["out"].default)))
+    values = {}
+    if args.resume:
+        saved = out / "config.json"
+        if not saved.is_file():
+            raise CheckpointError(f"--resume: {out} holds no run (no config.json); drop --resume to start a new run")
+        try:
+            values = {k: coerce(k, v) for k, v in json.loads(saved.read_text()).items() if k in FIELDS}
+        except json.JSONDecodeError:
+            raise CheckpointError(f"--resume: {saved} is not valid JSON; start a new run with --overwrite") from None
+    values.update(from_file)
+    values.update(flags)
+    return values, args.resume
+
+
+def cmd_train(args) -> int:
+    values, resume = _train_values(args)
+    cfg = make_config(values)
+    run_dir = Path(cfg.out)
+    existing = run_dir / "checkpoints"
+    if not resume and existing.is_dir() and any(existing.iterdir()) and int(os.environ.get("RANK", "0")) == 0:
+        if not args.overwrite:
+            raise CLIError(
+                f"{run_dir} already holds a run; pass --resume to continue it, --overwrite to replace it, "
+                "or choose another --out"
+            )
+        shutil.rmtree(existing)
+    from .train.trainer import Run
+
+    Run(cfg, resume=resume).train()
+    return 0
+
+
+# ----------------------------------------------------------------------------------------
+# extract / eval
+
+
+def _parse_specs(text: str, depth: int) -> list[str]:
+    specs = []
+    for item in filter(None, (s.strip() for s in text.split(","))):
+        if item in ("student", "ta"):
+            specs.append(item)
+        elif item == "all":
+            specs += ["student", "ta", "family"]
+        elif item == "family":
+            specs.append("family")
+        elif item.startswith("wide_narrow_wide:"):
+            k = item.split(":", 1)[1]
+            if not k.isdigit() or int(k) % 2 or int(k) > depth:
+                raise CLIError(f"{item}: K must be an even number from 0 to the TA's {depth} layers")
+            specs.append(item)
+        else:
+            raise CLIError(f"unknown model spec {item!r}; use student, ta, wide_narrow_wide:K, family or all")
+    if not specs:
+        raise CLIError("no model spec given; use student, ta, wide_narrow_wide:K, family or all")
+    return list(dict.fromkeys(specs))
+
+
+def _models_for(model, specs):
+    """(name, spec, plain model) for each spec; 'family' expands to the wide-narrow-wide family."""
+    from .extraction import extract
+    from .train.modeling import extracted_models
+
+    out = []
+    for spec in specs:
+        if spec == "family":
+            out += [m for m in extracted_models(model, family=True) if m[1].startswith("wide_narrow_wide")]
+        elif spec == "student":
+            out.append(("Student", spec, extract(model, "student")))
+        elif spec == "ta":
+            out.append(("TA", spec, extract(model, "ta")))
+        else:
+            k = int(spec.split(":")[1])
+            out.append((f"wide-narrow-wide k={k}", spec, extract(model, "wide_narrow_wide", k=k)))
+    seen, unique = set(), []
+    for item in out:
+        if item[1] not in seen:
+            seen.add(item[1])
+            unique.append(item)
+    return unique
+
+
+def _depth(model) -> int:
+    return len(model.blocks) if hasattr(model, "blocks") else len(model.layers)
+
+
+def cmd_extract(args) -> int:
+    from .train.trainer import load_run
+
+    cfg, model, tokenizer = load_run(args.run)
+    specs = _parse_specs(args.spec, _depth(model))
+    out = Path(args.out)
+    for name, spec, sub in _models_for(model, specs):
+        folder = out / spec.replace(":", "_k")
+        folder.mkdir(parents=True, exist_ok=True)
+        if args.hf:
+            from .hf import export_hf_gpt2
+
+            try:
+                export_hf_gpt2(sub, folder)
+            except (TypeError, ValueError) as exc:
+                raise CLIError(f"{name} cannot be written in the Hugging Face GPT-2 layout ({exc}); drop --hf") from None
+        else:
+            from .hf import save_extracted
+
+            save_extracted(sub, folder)
+        if tokenizer is not None:
+            (folder / "matta_tokenizer.json").write_text(tokenizer.to_json())
+        print(f"{name}: {sub.num_parameters(non_embedding=True) / 1e6:.3f}M non-embedding parameters -> {folder}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    import torch
+
+    from .evaluation import LMScorer, lambada_accuracy, multiple_choice_accuracy, parse_tasks, perplexity, validation_loss
+    from .train.trainer import load_run
+
+    tasks = parse_tasks(args.tasks)
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    cfg, model, tokenizer = load_run(args.run, device)
+    specs = _parse_specs(args.models, _depth(model))
+    val = None
+    if any(kind == "val" for kind, _ in tasks):
+        from .data import load_data
+
+        data = load_data(cfg.data, block_size=cfg.block_size, seed=cfg.seed, tokenizer=cfg.tokenizer,
+                         vocab_size=cfg.vocab_size, val_fraction=cfg.val_fraction, bin_dtype=cfg.bin_dtype)
+        val_tokens = cfg.eval_tokens if args.val_tokens is None else args.val_tokens
+        val = data.val_blocks(val_tokens or None)
+    rows = []
+    for name, spec, sub in _models_for(model, specs):
+        sub.to(device).eval()
+        row = {"name": name, "spec": spec, "params": sub.num_parameters(non_embedding=True)}
+        for kind, path in tasks:
+            if kind == "val":
+                row["val_loss"] = validation_loss(sub, val, batch_size=16, device=device)
+                row["perplexity"] = perplexity(row["val_loss"])
+                continue
+            scorer = LMScorer(sub, tokenizer, block_size=cfg.block_size, device=device)
+            result = lambada_accuracy(scorer, path) if kind == "lambada" else multiple_choice_accuracy(scorer, path)
+            tag = f"{kind}:{Path(path).stem}"
+            row.update({f"{tag} {k}": v for k, v in result.items() if k != "n"})
+        rows.append(row)
+        sub.to("cpu")
+    columns = [c for c in rows[0] if c not in ("name", "spec")]
+    widths = [max(len(c), 12) for c in columns]
+    print("  ".join(["model".ljust(24)] + [c.rjust(w) for c, w in zip(columns, widths)]))
+    for r in rows:
+        cells = [f"{r[c] / 1e6:.3f}M" if c == "params" else f"{r[c]:.4f}" for c in columns]
+        print("  ".join([r["name"].ljust(24)] + [c.rjust(w) for c, w in zip(cells, widths)]))
+    path = Path(args.run) / "eval.json"
+    path.write_text(json.dumps({"tasks": args.tasks, "models": rows}, indent=2) + "\n")
+    print(f"wrote {path}")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------
+# bench
+
+
+KERNEL_BENCHMARKS = ("nested_linear", "loss", "shampoo")
+
+
+def cmd_bench(args) -> int:
+    """Runs benchmarks/bench_<name>.py for each name (their own tables) and sums up."""
+    from ._source_tree import REPO_ROOT
+
+    folder = Path(REPO_ROOT) / "benchmarks"
+    names = args.names or list(KERNEL_BENCHMARKS)
+    scripts = [folder / f"bench_{name}.py" for name in names]
+    missing = [str(s) for s in scripts if not s.is_file()]
+    if missing:
+        available = sorted(p.stem[len("bench_"):] for p in folder.glob("bench_*.py")) if folder.is_dir() else []
+        raise CLIError(
+            f"no kernel benchmark {', '.join(missing)}; run `matta bench` from a matta source checkout"
+            + (f" and choose from {', '.join(available)}" if available else "")
+        )
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [REPO_ROOT, os.environ.get("PYTHONPATH")])))
+    failed = []
+    for name, script in zip(names, scripts):
+        print(f"== {name}: {sys.executable} {script}", flush=True)
+        if subprocess.call([sys.executable, str(script)], cwd=REPO_ROOT, env=env) != 0:
+            failed.append(name)
+    if failed:
+        print(f"matta bench: {', '.join(failed)} failed", file=sys.stderr)
+        return 1
+    return 0
+
+
+# ----------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="matta", description="Matryoshka Teaching-Assistant (MatTA) training.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = parser.add_subparsers(dest="command", metavar="{train,extract,eval,bench}", parser_class=_Parser)
+    sub.required = True
+
+    p = sub.add_parser("train", help="train a Student nested in a TA (defaults: a tiny GPT-2 on the builtin corpus)")
+    _add_train_flags(p)
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+
+    p = sub.add_parser("extract", help="cut plain models out of a trained run (Mix'n'Match)")
+    p.add_argument("--run", required=True, help="run directory of `matta train`")
+    p.add_argument("--spec", default="student", help="student, ta, wide_narrow_wide:K, family or all (comma list)")
+    p.add_argument("--out", required=True, help="output folder (one subfolder per model)")
+    p.add_argument("--hf", action="store_true", help="write the Hugging Face GPT-2 layout (uniform-width GPT-2 only)")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+
+    p = sub.add_parser("eval", help="evaluate a run's extracted models")
+    p.add_argument("--run", required=True, help="run directory of `matta train`")
+    p.add_argument("--models", default="student,ta,family", help="student, ta, wide_narrow_wide:K, family, all")
+    p.add_argument("--tasks", default="val", help="comma list of val, lambada:PATH.jsonl, choice:PATH.jsonl")
+    p.add_argument("--val-tokens", type=int, default=None,
+                   help="validation tokens (0: all; default: the run's --eval-tokens, as in its final table)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+
+    p = sub.add_parser("bench", help="run the kernel microbenchmarks (benchmarks/bench_*.py) and print their tables")
+    p.add_argument("names", nargs="*", help=f"which (default: {' '.join(KERNEL_BENCHMARKS)}; also models)")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    return parser
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    parser = build_parser()
+    command = next((a for a in argv if a in ("train", "extract", "eval", "bench")), None)
+    prog = f"matta {command}" if command else "matta"
+    try:
+        args = parser.parse_args(argv)
+        return {"train": cmd_train, "extract": cmd_extract, "eval": cmd_eval, "bench": cmd_bench}[args.command](args)
+    except (CLIError, *USAGE_ERRORS, FloatingPointError) as exc:
+        if debug:
+            raise
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"{prog}: interrupted; continue a training run with `matta train --out RUN_DIR --resume`", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,208 @@
+"""Mix'n'Match: cut standalone models out of a trained nested model (paper 4.2.3).
+
+Every layer of the TA's stack is taken "wide" (the TA's widths), "narrow" (the Student's
+widths, the leading block of every weight) or is skipped. The result is a plain model of
+ordinary nn.Linear layers holding copies of exactly the slices it uses, so its
+state_dict carries no TA baggage; `model(idx) -> logits` and
+`model.num_parameters(non_embedding=True)`.
+
+With d_model nesting the residual stream has one width for the whole extracted model:
+`d_model="narrow"` (the Student's) or `"wide"` (the TA's). By default it is narrow unless
+every kept layer is wide.
+"""
+from typing import NamedTuple, Sequence
+
+import torch
+
+from .models import GAU, GPT2, NestedGAU, NestedGPT2
+from .models._common import plain_linear
+from .models.gau import GAULayerShape, gau_num_parameters
+from .models.gpt2 import BlockShape, gpt2_num_parameters
+from .nestify import Nestified
+
+LAYER_CHOICES = ("wide", "narrow", "skip")
+PRESETS = ("student", "ta", "wide_narrow_wide")
+
+
+class SubModelSpec(NamedTuple):
+    """One member of the wide-narrow-wide family."""
+
+    k: int
+    layers: tuple[str, ...]
+    non_embedding_parameters: int
+
+
+def _ta_depth(model) -> int:
+    return len(model.blocks)
+
+
+def wide_narrow_wide(n_layers: int, k: int) -> tuple[str, ...]:
+    """The lowest k/2 and the highest k/2 of n_layers layers wide, the rest narrow."""
+    if not isinstance(k, int) or isinstance(k, bool) or k < 0 or k > n_layers or k % 2:
+        raise ValueError(f"wide_narrow_wide needs an even k in [0, {n_layers}], got k={k!r}")
+    half = k // 2
+    return tuple("wide" if i < half or i >= n_layers - half else "narrow" for i in range(n_layers))
+
+
+def layer_choices(model, layers="student", *, k=None) -> tuple[str, ...]:
+    """One of LAYER_CHOICES per layer of the TA's stack, for a preset name or a list."""
+    if not isinstance(model, (NestedGPT2, NestedGAU)):
+        raise TypeError(f"layer_choices needs a NestedGPT2 or NestedGAU, got {type(model).__name__}")
+    depth = _ta_depth(model)
+    if isinstance(layers, str):
+        if layers not in PRESETS:
+            raise ValueError(f"unknown extraction preset {layers!r}; use one of {PRESETS} or a list of {LAYER_CHOICES}")
+        if layers != "wide_narrow_wide" and k is not None:
+            raise ValueError(f"k is only used with 'wide_narrow_wide', got k={k!r} with {layers!r}")
+        if layers == "student":
+            return tuple("skip" if i in model.ta_only_layers else "narrow" for i in range(depth))
+        if layers == "ta":
+            return ("wide",) * depth
+        if k is None:
+            raise ValueError("'wide_narrow_wide' needs k (the number of wide layers, even)")
+        return wide_narrow_wide(depth, k)
+    choices = tuple(layers)
+    if len(choices) != depth:
+        raise ValueError(f"the layer choice list has {len(choices)} entries but the TA has {depth} layers")
+    bad = [(i, c) for i, c in enumerate(choices) if c not in LAYER_CHOICES]
+    if bad:
+        raise ValueError(f"layer choices must be one of {LAYER_CHOICES}; got {bad[0][1]!r} at layer {bad[0][0]}")
+    if all(c == "skip" for c in choices):
+        raise ValueError("the layer choice list skips every layer")
+    return choices
+
+
+def _residual_width(model, choices, d_model):
+    if d_model is None:
+        d_model = "wide" if all(c in ("wide", "skip") for c in choices) else "narrow"
+    if d_model not in ("narrow", "wide"):
+        raise ValueError(f"d_model must be 'narrow', 'wide' or None, got {d_model!r}")
+    return model.student_width if d_model == "narrow" else model.ta_width
+
+
+# ----------------------------------------------------------------------------------------
+# GPT-2
+
+
+def _gpt2_plan(model: NestedGPT2, choices, d):
+    s, t = model.config, model.ta_config
+    narrow = BlockShape(s.n_head, s.head_dim, s.n_inner)
+    wide = BlockShape(t.n_head, t.head_dim, t.n_inner, qkv_lead=s.n_embd if t.n_embd > s.n_embd else None)
+    shapes = [wide if c == "wide" else narrow for c in choices if c != "skip"]
+    # The config's n_head / n_inner describe the blocks when they are uniform (as the
+    # Hugging Face layout needs); otherwise the per-block shapes are what count.
+    first = shapes[0]
+    if all(shape == first for shape in shapes) and first.attn_dim == d:
+        n_head, n_inner = first.n_head, first.n_inner
+    else:
+        nominal = s if d == s.n_embd else t
+        n_head, n_inner = nominal.n_head, nominal.n_inner
+    config = s.replace(n_embd=d, n_layer=len(shapes), n_head=n_head, n_inner=n_inner)
+    return config, shapes
+
+
+def _extract_gpt2(model: NestedGPT2, choices, d):
+    config, shapes = _gpt2_plan(model, choices, d)
+    plain = GPT2(config, shapes)
+    v = config.vocab_size
+    kept = [block for block, c in zip(model.blocks, choices) if c != "skip"]
+    with torch.no_grad():
+        plain.wte.weight.copy_(model.wte.weight[:, :d])
+        plain.wte.weight[v:].zero_()
+        plain.wpe.weight.copy_(model.wpe.weight[:, :d])
+        plain.ln_f = model.ln_f.plain(d)
+        for target, source, shape in zip(plain.h, kept, shapes):
+            a, f = shape.attn_dim, shape.n_inner
+            target.ln_1 = source.ln_1.plain(d)
+            target.ln_2 = source.ln_2.plain(d)
+            # c_attn rows: the Student's [q k v] (narrow), or all rows in the nested layout (wide)
+            c_attn = source.attn.c_attn
+            target.attn.c_attn = plain_linear(c_attn.weight[: 3 * a, :d], c_attn.bias[: 3 * a])
+            proj = source.attn.c_proj
+            target.attn.c_proj = plain_linear(proj.weight[:d, :a], proj.bias[:d])
+            fc, proj = source.mlp.c_fc, source.mlp.c_proj
+            target.mlp.c_fc = plain_linear(fc.weight[:f, :d], fc.bias[:f])
+            target.mlp.c_proj = plain_linear(proj.weight[:d, :f], proj.bias[:d])
+    return plain.train(model.training)
+
+
+# ----------------------------------------------------------------------------------------
+# GAU
+
+
+def _gau_plan(model: NestedGAU, choices, d):
+    s = model.config
+    lead = s.expansion if model.ta_expansion > s.expansion else None
+    wide, narrow = GAULayerShape(model.ta_expansion, uv_lead=lead), GAULayerShape(s.expansion)
+    shapes = [wide if c == "wide" else narrow for c in choices if c != "skip"]
+    return s.replace(n_embd=d, n_layer=len(shapes)), shapes
+
+
+def _extract_gau(model: NestedGAU, choices, d):
+    config, shapes = _gau_plan(model, choices, d)
+    plain = GAU(config, shapes)
+    kept = [layer for layer, c in zip(model.blocks, choices) if c != "skip"]
+    with torch.no_grad():
+        plain.wte.weight.copy_(model.wte.weight[:, :d])
+        plain.wte.weight[config.vocab_size :].zero_()
+        plain.norm_f = model.norm_f.plain(d)
+        if config.is_classifier:
+            plain.head = plain_linear(model.head.weight[:, :d], model.head.bias)
+        for target, source, shape in zip(plain.blocks, kept, shapes):
+            target.load_state_dict(source.plain_state(d, shape.expansion))
+    return plain.train(model.training)
+
+
+# ----------------------------------------------------------------------------------------
+
+
+def extract(model, layers="student", *, k=None, d_model=None):
+    """A standalone plain model cut out of a nested one (Mix'n'Match).
+
+    Args:
+        model: a NestedGPT2 or NestedGAU (any layer choice), or a `nestify` result
+            ("student" or "ta" only).
+        layers: "student", "ta", "wide_narrow_wide" (with k), or a list with one of
+            "wide" / "narrow" / "skip" per layer of the TA's stack (TA-only layers included).
+        k: number of wide layers for "wide_narrow_wide": the lowest k/2 and highest k/2.
+        d_model: residual width under d_model nesting: "narrow", "wide", or None (narrow
+            unless every kept layer is wide; "student" is always narrow).
+    Returns:
+        GPT2 or GAU (plain nn.Linear layers), or for a nestified model a copy of the
+        original module with the chosen widths. Same train/eval mode as `model`.
+    """
+    if isinstance(model, Nestified):
+        if layers not in ("student", "ta") or k is not None or d_model is not None:
+            raise ValueError(f"a nestified model offers only 'student' and 'ta', got layers={layers!r}")
+        return model.student() if layers == "student" else model.ta()
+    choices = layer_choices(model, layers, k=k)
+    if layers == "student":
+        d_model = "narrow" if d_model is None else d_model
+    d = _residual_width(model, choices, d_model)
+    if isinstance(model, NestedGPT2):
+        return _extract_gpt2(model, choices, d)
+    return _extract_gau(model, choices, d)
+
+
+def num_parameters_of(model, layers="student", *, k=None, d_model=None, non_embedding=True) -> int:
+    """Parameter count of `extract(model, layers, ...)` without building it."""
+    choices = layer_choices(model, layers, k=k)
+    if layers == "student":
+        d_model = "narrow" if d_model is None else d_model
+    d = _residual_width(model, choices, d_model)
+    if isinstance(model, NestedGPT2):
+        return gpt2_num_parameters(*_gpt2_plan(model, choices, d), non_embedding=non_embedding)
+    return gau_num_parameters(*_gau_plan(model, choices, d), non_embedding=non_embedding)
+
+
+def wide_narrow_wide_family(model, ks: Sequence[int] | None = None, *, d_model=None) -> list[SubModelSpec]:
+    """The wide-narrow-wide sub-models (paper 4.2.3, Figure 5's x axis): for each even k
+    (default every even k from 0 to the TA's depth), the layer choices and the
+    non-embedding parameter count of the extracted model."""
+    ks = range(0, _ta_depth(model) + 1, 2) if ks is None else ks
+    family = []
+    for k in ks:
+        choices = layer_choices(model, "wide_narrow_wide", k=k)
+        count = num_parameters_of(model, choices, d_model=d_model)
+        family.append(SubModelSpec(k, choices, count))
+    return family

@@ -1,0 +1,20 @@
+"""Nested (Student inside TA) GPT-2 and GAU models, their plain counterparts and configs."""
+from .config import GAU_PRESETS, GPT2_PRESETS, GAUConfig, GPT2Config, NestingConfig
+from .gau import GAU, GAULayerShape, NestedGAU
+from .gpt2 import GPT2, BlockShape, NestedGPT2
+from .hf_gpt2 import load_hf_gpt2
+
+__all__ = [
+    "GPT2Config",
+    "GAUConfig",
+    "NestingConfig",
+    "GPT2_PRESETS",
+    "GAU_PRESETS",
+    "GPT2",
+    "BlockShape",
+    "NestedGPT2",
+    "GAU",
+    "GAULayerShape",
+    "NestedGAU",
+    "load_hf_gpt2",
+]

@@ -1,0 +1,98 @@
+"""Pieces shared by the plain and the nested models."""
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import NestingConfig
+
+INIT_STD = 0.02
+
+
+def count_parameters(module: nn.Module, exclude=()) -> int:
+    """Number of distinct parameter elements, leaving out the parameters named in `exclude`."""
+    seen, total = set(), 0
+    for name, p in module.named_parameters():
+        if name in exclude or id(p) in seen:
+            continue
+        seen.add(id(p))
+        total += p.numel()
+    return total
+
+
+def check_tokens(idx, n_positions):
+    if not isinstance(idx, torch.Tensor) or idx.dim() != 2:
+        raise ValueError(f"idx must be a (batch, time) tensor of token ids, got {getattr(idx, 'shape', type(idx))}")
+    if idx.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"idx must hold integer token ids (int64 or int32), got {idx.dtype}")
+    if idx.shape[1] > n_positions:
+        raise ValueError(f"sequence length {idx.shape[1]} exceeds the context length n_positions={n_positions}")
+
+
+def gpt2_init_(module: nn.Module, n_layer: int):
+    """GPT-2's initialisation: N(0, 0.02) weights, zero biases, unit LayerNorms; the
+    projections that write into the residual stream scaled by 1/sqrt(2 * n_layer)."""
+    for name, p in module.named_parameters():
+        *path, leaf = name.split(".")
+        if any(part.startswith(("ln", "norm")) for part in path):
+            nn.init.ones_(p) if leaf == "weight" else nn.init.zeros_(p)
+        elif leaf == "bias":
+            nn.init.zeros_(p)
+        elif p.dim() >= 2:
+            std = INIT_STD / math.sqrt(2 * n_layer) if name.endswith("c_proj.weight") else INIT_STD
+            nn.init.normal_(p, 0.0, std)
+
+
+def resolve_ffn_ta(n_inner: int, nest: NestingConfig, what: str) -> int:
+    ffn_ta = 2 * n_inner if nest.ffn_ta is None else nest.ffn_ta
+    if ffn_ta < n_inner:
+        raise ValueError(f"NestingConfig.ffn_ta={ffn_ta} is smaller than the Student's {what}={n_inner}")
+    return ffn_ta
+
+
+def resolve_d_model_ta(n_embd: int, nest: NestingConfig) -> int:
+    d_ta = n_embd if nest.d_model_ta is None else nest.d_model_ta
+    if d_ta < n_embd:
+        raise ValueError(f"NestingConfig.d_model_ta={d_ta} is smaller than the Student's n_embd={n_embd}")
+    return d_ta
+
+
+class NestedLayerNorm(nn.Module):
+    """LayerNorm of both streams: the Student normalises its first d_S features with the
+    first d_S entries of the TA's scale and shift."""
+
+    def __init__(self, d_s: int, d_ta: int, eps: float):
+        super().__init__()
+        self.d_s, self.eps = d_s, eps
+        self.weight = nn.Parameter(torch.ones(d_ta))
+        self.bias = nn.Parameter(torch.zeros(d_ta))
+
+    def forward_ta(self, x_ta):
+        return F.layer_norm(x_ta, (x_ta.shape[-1],), self.weight, self.bias, self.eps)
+
+    def forward(self, x_s, x_ta):
+        d_s = self.d_s
+        y_s = F.layer_norm(x_s, (d_s,), self.weight[:d_s], self.bias[:d_s], self.eps)
+        return y_s, self.forward_ta(x_ta)
+
+    def plain(self, width: int) -> nn.LayerNorm:
+        """An nn.LayerNorm over the first `width` features, holding a copy of them."""
+        ln = nn.LayerNorm(width, eps=self.eps, device=self.weight.device, dtype=self.weight.dtype)
+        with torch.no_grad():
+            ln.weight.copy_(self.weight[:width])
+            ln.bias.copy_(self.bias[:width])
+        return ln
+
+    def extra_repr(self):
+        return f"d_s={self.d_s}, d_ta={self.weight.shape[0]}, eps={self.eps}"
+
+
+def plain_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
+    """An nn.Linear holding contiguous copies of the given (possibly sliced) tensors."""
+    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():
+        linear.weight.copy_(weight)
+        if bias is not None:
+            linear.bias.copy_(bias)
+    return linear

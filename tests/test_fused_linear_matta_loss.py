@@ -1,0 +1,298 @@
+"""fused_linear_matta_loss (chunked LM head + MatTA loss) against a float64 oracle on full
+logits: values and gradients w.r.t. hidden states, weight and bias; chunking; teachers;
+nesting (d_S < d_TA) and sharing (d_S == d_TA); precision; bad input."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from matta.losses import MatTALoss, fused_linear_matta_loss
+from matta.ops.matta_loss import default_chunk_size, matta_loss
+
+
+def oracle(z_s, z_ta, target, weights, ramp, tau, ignore_index=-100):
+    """float64: log_softmax and the three sums, mean over kept tokens (0 when none is kept)."""
+    n_classes = z_s.shape[-1]
+    z_s, z_ta = z_s.double().reshape(-1, n_classes), z_ta.double().reshape(-1, n_classes)
+    if target.is_floating_point():
+        y = target.double().reshape(-1, n_classes)
+        keep = torch.ones(y.shape[0], dtype=torch.bool, device=y.device)
+    else:
+        ids = target.reshape(-1)
+        keep = ids != ignore_index
+        y = F.one_hot(ids.clamp(min=0), n_classes).double() * keep.unsqueeze(1)
+    l_s = -(y * torch.log_softmax(z_s, -1)).sum(-1)
+    l_ta = -(y * torch.log_softmax(z_ta, -1)).sum(-1)
+    p_ta = torch.softmax(z_ta.detach() / tau, -1)
+    l_d = -(tau**2) * (p_ta * torch.log_softmax(z_s / tau, -1)).sum(-1)
+    n = max(int(keep.sum()), 1)
+    parts = [(l * keep).sum() / n for l in (l_s, l_ta, l_d)]
+    return weights[0] * parts[0] + weights[1] * parts[1] + ramp * weights[2] * parts[2], parts
+
+
+def rel(a, b):
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp(min=1e-30)).item()
+
+
+def make_inputs(lead, d_s, d_ta, n_classes, device, dtype=torch.float32, bias=False):
+    h_s = torch.randn(*lead, d_s, device=device)
+    h_ta = torch.randn(*lead, d_ta, device=device)
+    weight = torch.randn(n_classes, d_ta, device=device) / math.sqrt(d_ta) * 3
+    b = torch.randn(n_classes, device=device) if bias else None
+    return [t.to(dtype).requires_grad_() for t in (h_s, h_ta, weight, *(() if b is None else (b,)))]
+
+
+def head_logits(h_s, h_ta, weight, bias=None):
+    d_s = h_s.shape[-1]
+    return F.linear(h_s, weight[:, :d_s], bias), F.linear(h_ta, weight, bias)
+
+
+def oracle_of_head(inputs, target, weights, ramp, tau, ignore_index=-100):
+    """The float64 oracle on materialised logits; returns (loss, parts, grads of inputs)."""
+    x64 = [t.detach().double().requires_grad_() for t in inputs]
+    loss, parts = oracle(*head_logits(*x64), target, weights, ramp, tau, ignore_index)
+    return loss, parts, torch.autograd.grad(loss, x64)
+
+
+def unfused_in_precision(inputs, target, weights, ramp, tau):
+    """What a user writes, in the inputs' own precision: the error budget of the fused op."""
+    xs = [t.detach().clone().requires_grad_() for t in inputs]
+    n_classes = xs[2].shape[0]
+    z_s, z_ta = head_logits(*xs)
+    z_s, z_ta = z_s.reshape(-1, n_classes), z_ta.reshape(-1, n_classes)
+    if target.is_floating_point():
+        y = target.reshape(-1, n_classes).to(z_s.dtype)
+        keep = torch.ones(z_s.shape[0], dtype=torch.bool, device=z_s.device)
+    else:
+        keep = target.reshape(-1) != -100
+        y = F.one_hot(target.reshape(-1).clamp(min=0), n_classes).to(z_s.dtype) * keep.unsqueeze(1)
+    l_s = -(y * torch.log_softmax(z_s, -1)).sum(-1)
+    l_ta = -(y * torch.log_softmax(z_ta, -1)).sum(-1)
+    l_d = -(tau**2) * (torch.softmax(z_ta.detach() / tau, -1) * torch.log_softmax(z_s / tau, -1)).sum(-1)
+    n = max(int(keep.sum()), 1)
+    parts = [(l * keep).sum() / n for l in (l_s, l_ta, l_d)]
+    loss = weights[0] * parts[0] + weights[1] * parts[1] + ramp * weights[2] * parts[2]
+    return loss, torch.autograd.grad(loss, xs)
+
+
+def hard_target(lead, n_classes, device, n_ignored=3):
+    target = torch.randint(0, n_classes, lead, device=device)
+    target.view(-1)[torch.randperm(target.numel(), device=device)[:n_ignored]] = -100
+    return target
+
+
+@pytest.mark.parametrize("d_s", [7, 12])  # nested Student head, and the shared head (d_S == d_TA)
+@pytest.mark.parametrize("soft", [False, True])
+def test_matches_float64_oracle(backend, device, d_s, soft):
+    lead, d_ta, n_classes = (3, 13), 12, 97
+    bias = soft  # one of each with and without bias
+    inputs = make_inputs(lead, d_s, d_ta, n_classes, device, bias=bias)
+    target = torch.softmax(torch.randn(*lead, n_classes, device=device), -1) if soft else \
+        hard_target(lead, n_classes, device)
+    weights, ramp, tau = (0.6, 1.1, 0.9), 0.8, (2.0 if soft else 1.0)
+    want, want_parts, want_grads = oracle_of_head(inputs, target, weights, ramp, tau)
+    base, base_grads = unfused_in_precision(inputs, target, weights, ramp, tau)
+    out = fused_linear_matta_loss(*inputs[:3], target, bias=inputs[3] if bias else None, weights=weights, ramp=ramp,
+                                  temperature=tau, chunk_size=9)  # 39 tokens: 5 chunks, the last one short
+    grads = torch.autograd.grad(out.loss, inputs)
+    assert out.ramp == ramp and out.loss.dim() == 0
+    floor = 1e-6
+    assert abs(out.loss.item() - want.item()) <= 2 * abs(base.item() - want.item()) + floor * want.item()
+    for got, w in zip((out.student, out.ta, out.distill), want_parts):
+        assert not got.requires_grad and abs(got.item() - w.item()) <= 1e-5 * w.item()
+    for g, b, w, x in zip(grads, base_grads, want_grads, inputs):
+        assert g.dtype == x.dtype and g.shape == x.shape
+        assert rel(g, w) <= 2 * rel(b, w) + floor
+
+
+@pytest.mark.parametrize("d_s", [5, 16])
+def test_float64_exact_and_chunking_invariant(device, d_s):
+    lead, d_ta, n_classes = (2, 23), 16, 131
+    inputs = make_inputs(lead, d_s, d_ta, n_classes, device, dtype=torch.float64, bias=True)
+    target = hard_target(lead, n_classes, device)
+    weights, ramp, tau = (0.3, 0.9, 1.7), 0.55, 1.6
+    want, want_parts, want_grads = oracle_of_head(inputs, target, weights, ramp, tau)
+    for chunk in (1, 5, 46, 1000, None):
+        out = fused_linear_matta_loss(*inputs[:3], target, bias=inputs[3], weights=weights, ramp=ramp,
+                                      temperature=tau, chunk_size=chunk)
+        grads = torch.autograd.grad(out.loss, inputs)
+        assert abs(out.loss.item() - want.item()) <= 1e-12 * want.item()
+        for g, w in zip(grads, want_grads):
+            assert rel(g, w) <= 1e-12
+
+
+def test_equals_unfused_matta_loss(device):
+    inputs = make_inputs((41,), 9, 20, 67, device)
+    target = hard_target((41,), 67, device)
+    z_s, z_ta = head_logits(*inputs)
+    ref = matta_loss(z_s, z_ta, target, weights=(1.0, 0.5, 2.0), ramp=0.25, temperature=3.0)
+    ref_grads = torch.autograd.grad(ref.loss, inputs)
+    out = fused_linear_matta_loss(*inputs, target, weights=(1.0, 0.5, 2.0), ramp=0.25, temperature=3.0, chunk_size=16)
+    torch.testing.assert_close(torch.stack(out[:4]), torch.stack(ref[:4]), rtol=1e-5, atol=1e-6)
+    for g, r in zip(torch.autograd.grad(out.loss, inputs), ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6)
+
+
+def test_teacher_supplies_soft_labels_chunk_by_chunk(backend, device):
+    lead, d_s, d_ta, d_t, n_classes = (2, 9), 6, 10, 14, 53
+    n_tokens = 18
+    inputs = make_inputs(lead, d_s, d_ta, n_classes, device, dtype=torch.float64)
+    h_t = torch.randn(*lead, d_t, device=device, dtype=torch.float64)
+    w_t = torch.randn(n_classes, d_t, device=device, dtype=torch.float64)
+    b_t = torch.randn(n_classes, device=device, dtype=torch.float64)
+    soft = torch.softmax(F.linear(h_t, w_t, b_t), -1)
+    mask_ids = torch.zeros(lead, dtype=torch.long, device=device)
+    mask_ids[0, 2] = mask_ids[1, 7] = -100
+    calls = []
+
+    def teacher(start, end):
+        calls.append((start, end))
+        return F.linear(h_t.reshape(n_tokens, d_t)[start:end], w_t, b_t)
+
+    kw = dict(weights=(0.7, 1.2, 0.5), ramp=1.0, temperature=2.0)
+    want, _, want_grads = oracle_of_head(inputs, soft, **{k: kw[k] for k in ("weights", "ramp")}, tau=2.0)
+    for spec in (teacher, (h_t, w_t, b_t)):
+        out = fused_linear_matta_loss(*inputs, None, teacher=spec, chunk_size=7, **kw)
+        assert abs(out.loss.item() - want.item()) <= 1e-10 * want.item()
+        for g, w in zip(torch.autograd.grad(out.loss, inputs), want_grads):
+            assert rel(g, w) <= 1e-10
+    assert calls == [(0, 7), (7, 14), (14, 18)]
+    # ids as a mask: dropped tokens leave every part, kept ones use the teacher's labels
+    keep = (mask_ids != -100).reshape(-1)
+    sub = [t.detach().reshape(n_tokens, -1)[keep] for t in inputs[:2]]
+    want_masked, _, _ = oracle_of_head([*sub, inputs[2]], soft.reshape(n_tokens, -1)[keep], kw["weights"], 1.0, 2.0)
+    out = fused_linear_matta_loss(*inputs, mask_ids, teacher=(h_t, w_t, b_t), chunk_size=4, **kw)
+    assert abs(out.loss.item() - want_masked.item()) <= 1e-10 * want_masked.item()
+    g_s = torch.autograd.grad(out.loss, inputs[0])[0].reshape(n_tokens, -1)
+    assert (g_s[~keep] == 0).all() and (g_s[keep] != 0).any()
+
+
+def test_all_ignored_is_a_no_op(backend, device):
+    inputs = make_inputs((11,), 4, 8, 29, device, bias=True)
+    out = fused_linear_matta_loss(*inputs[:3], torch.full((11,), -100, device=device), bias=inputs[3], chunk_size=4)
+    out.loss.backward()
+    assert out.loss.item() == out.student.item() == out.ta.item() == out.distill.item() == 0
+    assert all((t.grad == 0).all() for t in inputs)
+
+
+def test_ta_gets_no_gradient_from_distillation(backend, device):
+    d_s = 5
+    inputs = make_inputs((17,), d_s, 9, 41, device)
+    target = hard_target((17,), 41, device)
+    out = fused_linear_matta_loss(*inputs, target, weights=(0.0, 0.0, 1.0), temperature=1.5, chunk_size=6)
+    g_hs, g_hta, g_w = torch.autograd.grad(out.loss, inputs)
+    assert (g_hta == 0).all() and (g_w[:, d_s:] == 0).all()
+    assert g_hs.abs().sum() > 0 and g_w[:, :d_s].abs().sum() > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision(backend, device, dtype):
+    inputs = make_inputs((37,), 6, 12, 97, device, dtype=dtype, bias=True)
+    target = hard_target((37,), 97, device)
+    want, _, want_grads = oracle_of_head(inputs, target, (1, 1, 1), 1.0, 2.0)
+    base, base_grads = unfused_in_precision(inputs, target, (1, 1, 1), 1.0, 2.0)
+    out = fused_linear_matta_loss(*inputs[:3], target, bias=inputs[3], temperature=2.0, chunk_size=16)
+    grads = torch.autograd.grad(out.loss, inputs)
+    assert out.loss.dtype == torch.float32
+    assert abs(out.loss.item() - want.item()) <= 2 * abs(base.item() - want.item()) + 1e-3 * want.item()
+    for g, b, w, x in zip(grads, base_grads, want_grads, inputs):
+        assert g.dtype == dtype
+        assert rel(g, w) <= 2 * rel(b, w) + 1e-3
+
+
+def test_autocast_bf16_with_fp32_weight(device):
+    h_s, h_ta, weight, bias = make_inputs((2, 15), 8, 16, 61, device, bias=True)
+    target = hard_target((2, 15), 61, device)
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        out = fused_linear_matta_loss(h_s.to(torch.bfloat16), h_ta, weight, target, bias=bias, chunk_size=8)
+    grads = torch.autograd.grad(out.loss, (h_s, h_ta, weight, bias))
+    want, _, want_grads = oracle_of_head([h_s, h_ta, weight, bias], target, (1, 1, 1), 1.0, 1.0)
+    assert out.loss.dtype == torch.float32 and abs(out.loss.item() - want.item()) < 2e-2 * want.item()
+    assert [g.dtype for g in grads] == [torch.float32] * 4  # each gradient in its input's dtype
+    assert all(rel(g, w) < 3e-2 for g, w in zip(grads, want_grads))
+
+
+def test_no_grad_and_upstream_scale(device):
+    inputs = make_inputs((21,), 7, 7, 33, device, dtype=torch.float64)
+    target = hard_target((21,), 33, device)
+    with torch.no_grad():
+        plain = fused_linear_matta_loss(*inputs, target, chunk_size=5)
+    assert not plain.loss.requires_grad
+    out = fused_linear_matta_loss(*inputs, target, chunk_size=5)
+    assert plain.loss.item() == pytest.approx(out.loss.item(), rel=1e-12)
+    (-3.0 * out.loss).backward()
+    want, _, want_grads = oracle_of_head(inputs, target, (1, 1, 1), 1.0, 1.0)
+    for x, w in zip(inputs, want_grads):
+        assert rel(x.grad, -3.0 * w) < 1e-12
+
+
+def test_module_fused_linear_uses_its_ramp(device):
+    inputs = make_inputs((19,), 6, 10, 37, device, dtype=torch.float64)
+    target = hard_target((19,), 37, device)
+    criterion = MatTALoss(weights=(0.4, 0.9, 1.5), rampup_steps=10, rampup_start=2, rampup="sigmoid",
+                          temperature=1.2)
+    out = criterion.fused_linear(*inputs, target, step=7, chunk_size=6)
+    r = criterion.ramp_at(7)
+    assert out.ramp == r == criterion.last_ramp and 0 < r < 1
+    want, _, _ = oracle_of_head(inputs, target, (0.4, 0.9, 1.5), r, 1.2)
+    assert abs(out.loss.item() - want.item()) <= 1e-12 * want.item()
+
+
+def test_default_chunk_size():
+    cpu = torch.device("cpu")
+    assert default_chunk_size(4096, 50257, 1024, torch.float32, cpu) == 256
+    assert default_chunk_size(10, 50257, 1024, torch.float32, cpu) == 10
+    for n_tokens, n_classes, width in [(1, 7, 3), (100000, 256000, 512), (333, 97, 4096)]:
+        c = default_chunk_size(n_tokens, n_classes, width, torch.float32, cpu)
+        assert 1 <= c <= n_tokens and 2 * c * n_classes * 4 <= max(128 << 20, 2 * n_classes * 4)
+
+
+def test_nan_raises_before_any_weight_update(backend, device):
+    h_s, h_ta, weight = make_inputs((13,), 5, 8, 31, device)
+    target = hard_target((13,), 31, device)
+    ignored = int((target == -100).nonzero()[0])
+    for name, row in [("h_s", 0), ("h_s", ignored), ("h_ta", ignored), ("weight", 4)]:
+        bad = {"h_s": h_s, "h_ta": h_ta, "weight": weight}
+        poisoned = bad[name].detach().clone()
+        poisoned[row, 1] = float("nan")
+        poisoned.requires_grad_()
+        bad[name] = poisoned
+        with pytest.raises(ValueError, match="NaN"):
+            fused_linear_matta_loss(bad["h_s"], bad["h_ta"], bad["weight"], target, chunk_size=4).loss.backward()
+        assert poisoned.grad is None and weight.grad is None
+    with pytest.raises(ValueError, match="NaN"):
+        fused_linear_matta_loss(h_s, h_ta, weight, None, teacher=lambda a, b: torch.full((b - a, 31), math.nan, device=device))
+
+
+def test_bad_inputs(device):
+    h_s, h_ta, weight = make_inputs((6,), 4, 8, 11, device)
+    ids = torch.randint(0, 11, (6,), device=device)
+    bad = [
+        (lambda: fused_linear_matta_loss(h_s, h_ta[:5], weight, ids), "leading dims"),
+        (lambda: fused_linear_matta_loss(torch.randn(6, 9), h_ta, weight, ids), "d_S"),
+        (lambda: fused_linear_matta_loss(h_s, h_ta, weight[:, :7], ids), r"\(\.\.\., 7\)"),
+        (lambda: fused_linear_matta_loss(h_s, h_ta, weight[0], ids), "weight"),
+        (lambda: fused_linear_matta_loss(h_s, h_ta, weight, ids, bias=torch.zeros(10)), "bias"),
+        (lambda: fused_linear_matta_loss(h_s, h_ta, weight, ids.float()), "integer"),
+        (lambda: fused_linear_matta_loss(h_s, h_ta, weight, ids + 11), r"\[0, 11\)"),
+        (lambda: fused_linear_matta_loss(h_s, h_ta, weight, torch.rand(6, 11, device=device)), "sum to 1"),
+        (lambda: fused_linear_matta_loss(h_s, h_ta, weight, None), "teacher"),
+        (lambda: fused_linear_matta_loss(h_s, h_ta, weight, torch.softmax(torch.randn(6, 11, device=device), -1),
+                                         teacher=lambda a, b: torch.zeros(b - a, 11, device=device)),
+         "mask"),
+        (lambda: fused_linear_matta_loss(h_s, h_ta, weight, None, teacher=lambda a, b: torch.zeros(b - a, 5, device=device)),
+         r"shape \(6, 11\)"),
+        (lambda: fused_linear_matta_loss(h_s, h_ta, weight, None, teacher=(torch.randn(6, 3), torch.randn(10, 3))),
+         "teacher weight"),
+        (lambda: fused_linear_matta_loss(h_s, h_ta, weight, ids, chunk_size=0), "chunk_size"),
+        (lambda: fused_linear_matta_loss(h_s, h_ta, weight, ids, ramp=-0.1), "ramp"),
+        (lambda: fused_linear_matta_loss(h_s, h_ta, weight, ids, temperature=float("inf")), "temperature"),
+        (lambda: fused_linear_matta_loss(h_s.long(), h_ta, weight, ids), "d_S|floating"),
+    ]
+    for call, message in bad:
+        with pytest.raises(ValueError, match=message):
+            call()
+    with pytest.raises(TypeError, match="teacher"):
+        fused_linear_matta_loss(h_s, h_ta, weight, None, teacher="gpt2")

@@ -1,0 +1,184 @@
+"""The training loop on tiny models: modes, optimizers, schedule, accumulation, exact resume, Teacher."""
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from matta.data import load_data
+from matta.train import modeling
+from matta.train.config import make_config
+from matta.train.schedule import distill_ramp, learning_rate
+from matta.train.trainer import Run, load_run
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models run fastest on one thread, and CI runs two test workers on two cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+WORDS = ["the", "cat", "sat", "on", "a", "mat", "and", "dog", "ran", "far", "away", "home"]
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    rng = np.random.default_rng(0)
+    path = tmp_path / "corpus.txt"
+    path.write_text(" ".join(WORDS[i] for i in rng.integers(0, len(WORDS), 3000)))
+    return path
+
+
+def tiny(tmp_path, corpus, name="run", **overrides):
+    values = dict(
+        out=str(tmp_path / name), data=str(corpus), tokenizer="bytes", n_layer=2, n_embd=32, n_head=2, ffn=64,
+        ffn_ta=128, extra_layers=1, block_size=16, batch_size=4, max_steps=4, warmup_steps=1, log_interval=1,
+        eval_interval=0, checkpoint_interval=0, eval_tokens=256, progress=False, rampup_steps=2, lr=3e-3, threads=1,
+    )
+    values.update(overrides)
+    return make_config(values)
+
+
+def train_records(run_dir):
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines if json.loads(line)["kind"] == "train"]
+
+
+def test_learning_rate_schedule():
+    kw = dict(lr=1.0, min_lr=0.1, warmup_steps=4, max_steps=20)
+    warm = [learning_rate(s, **kw) for s in range(4)]
+    assert warm == sorted(warm) and warm[-1] < 1.0 and warm[0] > 0
+    assert learning_rate(4, **kw) == pytest.approx(1.0)
+    assert learning_rate(12, **kw) == pytest.approx(0.55)  # half-way down the cosine
+    assert learning_rate(20, **kw) == pytest.approx(0.1) and learning_rate(99, **kw) == pytest.approx(0.1)
+    decay = [learning_rate(s, **kw) for s in range(4, 21)]
+    assert decay == sorted(decay, reverse=True)
+
+
+def test_distillation_ramp():
+    assert distill_ramp(None, start=5, steps=10) == 1.0
+    assert distill_ramp(4, start=5, steps=10) == 0.0
+    assert distill_ramp(10, start=5, steps=10) == pytest.approx(0.5)
+    assert distill_ramp(15, start=5, steps=10) == 1.0 and distill_ramp(99, start=5, steps=10) == 1.0
+    assert distill_ramp(10, start=5, steps=10, shape="sigmoid") == pytest.approx(math.exp(-5 * 0.25))
+    assert distill_ramp(5, start=5, steps=0) == 1.0
+
+
+@pytest.mark.parametrize("mode", ["matta", "student", "ta"])
+@pytest.mark.parametrize("optimizer", ["adamw", "shampoo"])
+def test_modes_and_optimizers_train_end_to_end(tmp_path, corpus, mode, optimizer):
+    cfg = tiny(tmp_path, corpus, mode=mode, optimizer=optimizer, max_steps=5, precondition_frequency=2,
+               start_preconditioning_step=2, eval_interval=5)
+    results = Run(cfg).train()
+    run_dir = tmp_path / "run"
+    records = train_records(run_dir)
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5]
+    for r in records:
+        expected = {"matta": r["loss_student"] + r["loss_ta"] + r["ramp"] * r["loss_distill"],
+                    "student": r["loss_student"], "ta": r["loss_ta"]}[mode]
+        assert r["loss"] == pytest.approx(expected, rel=1e-5)
+        assert all(math.isfinite(r[k]) for k in ("loss_student", "loss_ta", "loss_distill"))
+    assert [r["ramp"] for r in records] == [0.0, 0.5, 1.0, 1.0, 1.0]
+    trained = {"matta": ("loss_student", "loss_ta"), "student": ("loss_student",), "ta": ("loss_ta",)}[mode]
+    assert sum(records[-1][k] for k in trained) < sum(records[0][k] for k in trained)
+    names = [m["name"] for m in results["models"]]
+    assert names[:2] == ["Student", "TA"] and any(n.startswith("wide-narrow-wide") for n in names)
+    params = {m["name"]: m["params"] for m in results["models"]}
+    assert params["Student"] < params["TA"]
+    assert (run_dir / "report.png").stat().st_size > 10_000
+    assert json.loads((run_dir / "config.json").read_text())["mode"] == mode
+
+
+def test_final_table_losses_match_the_models(tmp_path, corpus):
+    cfg = tiny(tmp_path, corpus, max_steps=3, family=False)
+    results = Run(cfg).train()
+    _, model, _ = load_run(tmp_path / "run")
+    data = load_data(str(corpus), block_size=16, tokenizer="bytes", seed=cfg.seed)
+    blocks = data.val_blocks(256)
+    logits_s, logits_ta = model(blocks[:, :-1])
+    for row, logits in zip(results["models"], (logits_s, logits_ta)):
+        ref = F.cross_entropy(logits.double().reshape(-1, logits.shape[-1]), blocks[:, 1:].reshape(-1)).item()
+        assert row["val_loss"] == pytest.approx(ref, rel=1e-5)
+        assert row["perplexity"] == pytest.approx(math.exp(ref), rel=1e-5)
+
+
+def test_gradient_accumulation_matches_the_full_batch(tmp_path, corpus):
+    full = Run(tiny(tmp_path, corpus, "full", batch_size=4, grad_accum=1, family=False))
+    full.train()
+    accum = Run(tiny(tmp_path, corpus, "accum", batch_size=2, grad_accum=2, family=False))
+    accum.train()
+    a, b = train_records(tmp_path / "full"), train_records(tmp_path / "accum")
+    for ra, rb in zip(a, b):
+        assert rb["loss"] == pytest.approx(ra["loss"], rel=1e-4)
+    for (name, p), q in zip(full.model.named_parameters(), accum.model.parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-3, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "shampoo"])
+def test_resume_equals_uninterrupted(tmp_path, corpus, monkeypatch, optimizer):
+    common = dict(max_steps=6, checkpoint_interval=3, optimizer=optimizer, precondition_frequency=2,
+                  start_preconditioning_step=2, family=False, dropout=0.1)
+    straight = Run(tiny(tmp_path, corpus, "straight", **common))
+    straight.train()
+
+    cfg = tiny(tmp_path, corpus, "broken", **common)
+    real_step = Run.train_step
+
+    def crash_after_4(self):
+        if self.step == 4:  # step 4 ran and was logged after the checkpoint at 3: a kill now
+            raise KeyboardInterrupt
+        return real_step(self)
+
+    monkeypatch.setattr(Run, "train_step", crash_after_4)
+    with pytest.raises(KeyboardInterrupt):
+        Run(cfg).train()
+    monkeypatch.setattr(Run, "train_step", real_step)
+    assert [r["step"] for r in train_records(tmp_path / "broken")] == [1, 2, 3, 4]
+    resumed = Run(cfg, resume=True)
+    resumed.train()
+    a, b = train_records(tmp_path / "straight"), train_records(tmp_path / "broken")
+    assert [r["step"] for r in b] == [1, 2, 3, 4, 5, 6]
+    assert [r["loss"] for r in a] == [r["loss"] for r in b]  # bit-identical
+    for p, q in zip(straight.model.parameters(), resumed.model.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_teacher_soft_labels_replace_the_targets(tmp_path, corpus):
+    Run(tiny(tmp_path, corpus, "teacher", max_steps=3, family=False)).train()
+    cfg = tiny(tmp_path, corpus, "pupil", teacher=str(tmp_path / "teacher"), max_steps=2, family=False)
+    run = Run(cfg)
+    run.setup()
+    x, y = run.data.train.batch(0, 4)
+    out = modeling.matta_loss(run.model, run.model, x, y, weights=(1.0, 1.0, 1.0), ramp=1.0, temperature=1.0,
+                              mode="matta", teacher=run.teacher)
+    # float64 oracle: the Teacher is the teacher run's TA; its softmax is the label of L_S and L_TA
+    _, teacher_model, _ = load_run(tmp_path / "teacher")
+    with torch.no_grad():
+        p_t = torch.softmax(teacher_model(x)[1].double(), -1)
+        z_s, z_ta = (z.double() for z in run.model(x))
+    ls = -(p_t * torch.log_softmax(z_s, -1)).sum(-1).mean()
+    lta = -(p_t * torch.log_softmax(z_ta, -1)).sum(-1).mean()
+    assert out.student.item() == pytest.approx(ls.item(), rel=1e-4)
+    assert out.ta.item() == pytest.approx(lta.item(), rel=1e-4)
+    hard = F.cross_entropy(z_s.reshape(-1, z_s.shape[-1]), y.reshape(-1)).item()
+    assert abs(out.student.item() - hard) > 1e-3  # the one-hot targets are not used
+    run.train()
+    assert all(p.grad is None for p in run.teacher.parameters())
+
+
+def test_teacher_with_another_vocabulary_is_refused(tmp_path, corpus):
+    Run(tiny(tmp_path, corpus, "teacher", max_steps=1, family=False)).train()
+    cfg = tiny(tmp_path, corpus, "pupil", teacher=str(tmp_path / "teacher"), tokenizer="auto", vocab_size=300)
+    with pytest.raises(ValueError, match="same tokenizer"):
+        Run(cfg).setup()
+
+
+def test_tokens_budget_sets_the_steps(tmp_path, corpus):
+    cfg = tiny(tmp_path, corpus, max_steps=None, tokens=200, family=False)  # 64 tokens per step
+    run = Run(cfg)
+    run.train()
+    assert run.step == 4
