@@ -63,7 +63,10 @@ def layer_choices(model, layers="student", *, k=None) -> tuple[str, ...]:
         return wide_narrow_wide(depth, k)
     choices = tuple(layers)
     if len(choices) != depth:
-        raise ValueError(f"the layer choice list has {len(choices)} entries but the TA has {depth} layers")
+        raise ValueError(
+            f"the layer choice list has {len(choices)} entries but the TA has {depth} layers "
+            f"(one entry per TA layer, TA-only layers {tuple(model.ta_only_layers)} included)"
+        )
     bad = [(i, c) for i, c in enumerate(choices) if c not in LAYER_CHOICES]
     if bad:
         raise ValueError(f"layer choices must be one of {LAYER_CHOICES}; got {bad[0][1]!r} at layer {bad[0][0]}")

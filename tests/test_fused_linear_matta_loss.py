@@ -242,7 +242,7 @@ def test_module_fused_linear_uses_its_ramp(device):
 
 def test_default_chunk_size():
     cpu = torch.device("cpu")
-    assert default_chunk_size(4096, 50257, 1024, torch.float32, cpu) == 256
+    assert default_chunk_size(4096, 50257, 1024, torch.float32, cpu) == 192
     assert default_chunk_size(10, 50257, 1024, torch.float32, cpu) == 10
     for n_tokens, n_classes, width in [(1, 7, 3), (100000, 256000, 512), (333, 97, 4096)]:
         c = default_chunk_size(n_tokens, n_classes, width, torch.float32, cpu)

@@ -32,8 +32,24 @@ def test_every_kernel_config_compiles_for_gpus(tmp_path):
 
 
 def test_kernels_only_import_as_a_matta_subpackage():
+    """No matta module imports a top-level `kernels` (which could be a stranger's package)."""
+    import ast
+    import pathlib
+
     import matta.kernels
     import matta.kernels.nested_linear  # noqa: F401
 
     assert matta.kernels.__name__ == "matta.kernels"
-    assert "kernels" not in sys.modules, "something imported a top-level `kernels` package"
+    assert matta.kernels.nested_linear.__name__ == "matta.kernels.nested_linear"
+    root = pathlib.Path(__file__).resolve().parents[1]
+    offenders = []
+    for path in [*root.glob("matta/**/*.py"), *root.glob("kernels/**/*.py"), *root.glob("benchmarks/*.py")]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                names = [node.module or ""]
+            else:
+                continue
+            offenders += [f"{path}: {n}" for n in names if n == "kernels" or n.startswith("kernels.")]
+    assert not offenders, offenders

@@ -184,3 +184,46 @@ def test_bad_mask():
     model = make("expansion", num_classes=2)
     with pytest.raises(ValueError, match="attention_mask must have the shape of idx"):
         model(torch.zeros(2, 5, dtype=torch.long), attention_mask=torch.ones(2, 4))
+
+
+def _ta_only_units(model):
+    """Views of every weight entry that only the TA's wider layers read: the U_X / V_X rows
+    of uvz and the matching columns of o."""
+    e_s, s = model.config.expansion, model.config.attn_dim
+    for block in model.blocks:
+        yield block.uvz.weight[2 * e_s + s :]
+        yield block.uvz.bias[2 * e_s + s :]
+        yield block.o.weight[:, e_s:]
+
+
+def test_narrow_layers_read_no_ta_only_units(monkeypatch):
+    """Every layer narrow (TA-only layers included) is its own sub-model: not the TA, not the
+    Student; it reads none of the TA's extra expansion units, and the Student path given as
+    an explicit list is the nested Student bit for bit."""
+    monkeypatch.setenv("MATTA_BACKEND", "torch")
+    model = make("expansion+depth")
+    depth, d = len(model.blocks), model.student_width
+    idx = torch.randint(0, model.config.vocab_size, (2, 10))
+    logits_s, _ = model(idx)
+    narrow = extract(model, ["narrow"] * depth)
+    before = narrow(idx)
+    assert rel_err(before, reference_gau(model, idx, ["narrow"] * depth, d)) < 1e-5
+    assert rel_err(before, reference_gau(model, idx, ["wide"] * depth, d)) > 1e-2
+    assert not torch.allclose(before, extract(model, "ta")(idx), rtol=1e-3, atol=1e-3)
+    assert not torch.allclose(before, extract(model, "student")(idx), rtol=1e-3, atol=1e-3)
+    student_list = ["skip" if i in model.ta_only_layers else "narrow" for i in range(depth)]
+    torch.testing.assert_close(extract(model, student_list)(idx), logits_s, rtol=0, atol=0)
+    ta_before = extract(model, "ta")(idx)
+    with torch.no_grad():
+        for units in _ta_only_units(model):
+            units.add_(torch.randn_like(units))
+    torch.testing.assert_close(extract(model, ["narrow"] * depth)(idx), before, rtol=0, atol=0)
+    assert not torch.allclose(extract(model, "ta")(idx), ta_before, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("length", [3, 4, 6])
+def test_choice_list_length_must_count_ta_only_layers(length):
+    model = make("expansion+depth")  # 3 Student layers + 2 TA-only = 5
+    message = rf"has {length} entries but the TA has 5 layers \(one entry per TA layer, TA-only layers \(1, 3\) included\)"
+    with pytest.raises(ValueError, match=message):
+        extract(model, ["narrow"] * length)
