@@ -41,3 +41,12 @@ def backend(request, monkeypatch):
         pytest.importorskip("triton")
     monkeypatch.setenv("MATTA_BACKEND", request.param)
     return request.param
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models run fastest on one thread, and CI runs two test workers on two cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

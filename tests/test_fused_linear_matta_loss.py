@@ -9,31 +9,7 @@ import torch.nn.functional as F
 
 from matta.losses import MatTALoss, fused_linear_matta_loss
 from matta.ops.matta_loss import default_chunk_size, matta_loss
-
-
-def oracle(z_s, z_ta, target, weights, ramp, tau, ignore_index=-100):
-    """float64: log_softmax and the three sums, mean over kept tokens (0 when none is kept)."""
-    n_classes = z_s.shape[-1]
-    z_s, z_ta = z_s.double().reshape(-1, n_classes), z_ta.double().reshape(-1, n_classes)
-    if target.is_floating_point():
-        y = target.double().reshape(-1, n_classes)
-        keep = torch.ones(y.shape[0], dtype=torch.bool, device=y.device)
-    else:
-        ids = target.reshape(-1)
-        keep = ids != ignore_index
-        y = F.one_hot(ids.clamp(min=0), n_classes).double() * keep.unsqueeze(1)
-    l_s = -(y * torch.log_softmax(z_s, -1)).sum(-1)
-    l_ta = -(y * torch.log_softmax(z_ta, -1)).sum(-1)
-    p_ta = torch.softmax(z_ta.detach() / tau, -1)
-    l_d = -(tau**2) * (p_ta * torch.log_softmax(z_s / tau, -1)).sum(-1)
-    n = max(int(keep.sum()), 1)
-    parts = [(l * keep).sum() / n for l in (l_s, l_ta, l_d)]
-    return weights[0] * parts[0] + weights[1] * parts[1] + ramp * weights[2] * parts[2], parts
-
-
-def rel(a, b):
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm().clamp(min=1e-30)).item()
+from test_matta_loss import oracle, rel
 
 
 def make_inputs(lead, d_s, d_ta, n_classes, device, dtype=torch.float32, bias=False):
