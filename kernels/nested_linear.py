@@ -31,11 +31,12 @@ from ._compile_specs import CompileSpec, register_compile_spec
 NONE, SEPARATE, ADD, PREFIX = 0, 1, 2, 3
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages). 16-bit: two warpgroups on the large tiles for
-# Hopper's wgmma, smaller tiles for thin problems (small T, few output columns). fp32 tiles
-# take twice the bytes, and a Student-block tile may stream four operands per stage, so
-# their K step and pipeline depth are smaller to fit sm_80's 163 KiB of shared memory.
+# Hopper's wgmma, smaller tiles for thin problems (small T, few output columns). A
+# Student-block tile may stream four operands per stage and hold two accumulators, so
+# 128x256 tiles spill and overflow shared memory (kernels/compile_check.py); fp32 tiles take
+# twice the bytes, so their K step and pipeline depth are smaller to fit sm_80's 163 KiB.
 _TILES = {
-    2: [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4)],
+    2: [(128, 128, 64, 8, 3), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4)],
     4: [(128, 128, 32, 8, 2), (64, 128, 32, 4, 3), (128, 64, 32, 4, 3), (64, 64, 32, 4, 3)],
 }
 
@@ -322,38 +323,54 @@ def nested_linear_backward(grad_s, grad_ta, x_s, x_ta, weight, student_weight, n
 
 
 def _register_compile_specs():
-    """The launchable variants, with the largest tiles (worst case for registers/shared memory)."""
-    for dtype, element_size in (("bf16", 2), ("fp32", 4)):
-        ptr = f"*{dtype}"
-        signature = {
-            "a_ptr": ptr, "b_ptr": ptr, "c_ptr": ptr, "bias_ptr": ptr, "a2_ptr": ptr, "b2_ptr": ptr,
-            "c2_ptr": ptr, "bias2_ptr": ptr, "sums_ptr": "*fp32", "sums2_ptr": "*fp32",
-        }
-        signature.update({name: "i32" for name in (
-            "P", "Q", "R", "P2", "Q2", "R2", "stride_ap", "stride_ar", "stride_br", "stride_bq", "stride_cp",
-            "stride_cq", "stride_a2p", "stride_a2r", "stride_b2r", "stride_b2q", "stride_c2p", "stride_c2q")})
-        variants = {
-            "forward_two_inputs": dict(SUB_MODE=SEPARATE, FOLD=False, SHARE_B=True, HAS_BIAS=True, HAS_BIAS2=True),
-            "forward_one_input": dict(SUB_MODE=PREFIX, FOLD=False, SHARE_B=True, HAS_BIAS=True, HAS_BIAS2=True),
-            "forward_unshared": dict(SUB_MODE=SEPARATE, FOLD=False, SHARE_B=False, HAS_BIAS=True, HAS_BIAS2=True),
-            "grad_input_folded": dict(SUB_MODE=ADD, FOLD=True, SHARE_B=True, HAS_BIAS=False, HAS_BIAS2=False),
-            "grad_weight_shared": dict(SUB_MODE=ADD, FOLD=False, SHARE_B=False, HAS_BIAS=False, HAS_BIAS2=False,
-                                       ROW_SUMS=True, ROW_SUMS2=True),
-            "grad_weight_unshared": dict(SUB_MODE=SEPARATE, FOLD=False, SHARE_B=False, HAS_BIAS=False,
-                                         HAS_BIAS2=False, ROW_SUMS=True, ROW_SUMS2=True),
-        }
-        for name, flags in variants.items():
+    """The launchable variants with every tile set, specialised as the JIT specialises them on
+    ordinary shapes: unit strides become constants, other sizes and strides multiples of 16."""
+    pointers = ("a_ptr", "b_ptr", "c_ptr", "bias_ptr", "a2_ptr", "b2_ptr", "c2_ptr", "bias2_ptr")
+    sizes = ("P", "Q", "R", "P2", "Q2", "R2")
+    strides = ("stride_ap", "stride_ar", "stride_br", "stride_bq", "stride_cp", "stride_cq",
+               "stride_a2p", "stride_a2r", "stride_b2r", "stride_b2q", "stride_c2p", "stride_c2q")
+    # Unit strides per kind of product: forward A = x, B = W^T; input grad A = dy, B = W;
+    # weight grad A = dy^T, B = x. Outputs are row-major.
+    unit = {
+        "forward": ("stride_ar", "stride_br", "stride_cq", "stride_a2r", "stride_b2r", "stride_c2q"),
+        "grad_input": ("stride_ar", "stride_bq", "stride_cq", "stride_a2r", "stride_b2q", "stride_c2q"),
+        "grad_weight": ("stride_ap", "stride_bq", "stride_cq", "stride_a2p", "stride_b2q", "stride_c2q"),
+    }
+    add = dict(SUB_MODE=ADD, HAS_BIAS=False, HAS_BIAS2=False)
+    separate = dict(SUB_MODE=SEPARATE, FOLD=False)
+    variants = {  # name: (kind of product, flags)
+        "forward_two_inputs": ("forward", dict(separate, SHARE_B=True, HAS_BIAS=True, HAS_BIAS2=True)),
+        "forward_one_input": ("forward", dict(SUB_MODE=PREFIX, FOLD=False, SHARE_B=True, HAS_BIAS=True,
+                                              HAS_BIAS2=True)),
+        "forward_unshared": ("forward", dict(separate, SHARE_B=False, HAS_BIAS=True, HAS_BIAS2=True)),
+        "grad_input_two_inputs": ("grad_input", dict(separate, SHARE_B=True, HAS_BIAS=False, HAS_BIAS2=False)),
+        "grad_input_folded": ("grad_input", dict(add, FOLD=True, SHARE_B=True)),
+        "grad_weight_shared": ("grad_weight", dict(add, FOLD=False, SHARE_B=False, ROW_SUMS=True, ROW_SUMS2=True)),
+        "grad_weight_unshared": ("grad_weight", dict(separate, SHARE_B=False, HAS_BIAS=False, HAS_BIAS2=False,
+                                                     ROW_SUMS=True, ROW_SUMS2=True)),
+    }
+    for dtype, element_size in (("bf16", 2), ("fp16", 2), ("fp32", 4)):
+        for name, (kind, flags) in variants.items():
+            unit_strides = unit[kind]
+            signature = {p: f"*{dtype}" for p in pointers}
+            signature.update(sums_ptr="*fp32", sums2_ptr="*fp32")
+            signature.update({n: "constexpr" if n in unit_strides else "i32" for n in sizes + strides})
             flags = {"ROW_SUMS": False, "ROW_SUMS2": False, **flags}
             for config in _gpu_configs(element_size):
-                constexprs = {**flags, "PRECISION": "tf32" if dtype == "fp32" else "ieee", "UPCAST": False, **config.kwargs}
+                constexprs = {
+                    **{n: 1 for n in unit_strides}, **flags, "PRECISION": "tf32" if dtype == "fp32" else "ieee",
+                    "UPCAST": False, **config.kwargs,
+                }
+                signature.update({n: "constexpr" for n in constexprs})
                 tiles = "x".join(str(config.kwargs[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
                 register_compile_spec(CompileSpec(
                     name=f"nested_linear.{name}.{dtype}.{tiles}.w{config.num_warps}s{config.num_stages}",
                     fn=_nested_matmul_kernel.fn,
-                    signature=signature,
+                    signature=dict(signature),
                     constexprs=constexprs,
                     options={"num_warps": config.num_warps, "num_stages": config.num_stages},
                     uses_dot=True,
+                    divisible=pointers + ("sums_ptr", "sums2_ptr") + tuple(n for n in sizes + strides if n not in unit_strides),
                 ))
 
 

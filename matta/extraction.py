@@ -15,7 +15,7 @@ from typing import NamedTuple, Sequence
 import torch
 
 from .models import GAU, GPT2, NestedGAU, NestedGPT2
-from .models._common import plain_linear
+from .layers.nested_linear import plain_linear
 from .models.gau import GAULayerShape, gau_num_parameters
 from .models.gpt2 import BlockShape, gpt2_num_parameters
 from .nestify import Nestified

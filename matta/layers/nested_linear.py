@@ -19,6 +19,16 @@ def _size_pair(name, value):
     return small, large
 
 
+def plain_linear(weight, bias=None) -> nn.Linear:
+    """An `nn.Linear` holding contiguous copies of `weight` (out, in) and `bias` (views allowed)."""
+    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():
+        linear.weight.copy_(weight)
+        if bias is not None:
+            linear.bias.copy_(bias)
+    return linear
+
+
 def _uniform_(tensor, fan_in):
     bound = 1.0 / math.sqrt(fan_in)
     with torch.no_grad():
@@ -90,25 +100,17 @@ class NestedLinear(nn.Module):
             student_bias=self.student_bias,
         )
 
-    def _plain_linear(self, weight, bias):
-        linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device, dtype=weight.dtype)
-        with torch.no_grad():
-            linear.weight.copy_(weight)
-            if bias is not None:
-                linear.bias.copy_(bias)
-        return linear
-
     def student_linear(self) -> nn.Linear:
         """A standalone `nn.Linear(M_S, N_S)` holding a copy of the Student's parameters."""
         n_s, m_s = self.student_features
         if self.share_weights:
             bias = None if self.bias is None else self.bias[:n_s]
-            return self._plain_linear(self.weight[:n_s, :m_s], bias)
-        return self._plain_linear(self.student_weight, self.student_bias)
+            return plain_linear(self.weight[:n_s, :m_s], bias)
+        return plain_linear(self.student_weight, self.student_bias)
 
     def ta_linear(self) -> nn.Linear:
         """A standalone `nn.Linear(M_TA, N_TA)` holding a copy of the TA's parameters."""
-        return self._plain_linear(self.weight, self.bias)
+        return plain_linear(self.weight, self.bias)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, in_features, out_features, share_weights=True):

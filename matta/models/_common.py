@@ -88,11 +88,3 @@ class NestedLayerNorm(nn.Module):
         return f"d_s={self.d_s}, d_ta={self.weight.shape[0]}, eps={self.eps}"
 
 
-def plain_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
-    """An nn.Linear holding contiguous copies of the given (possibly sliced) tensors."""
-    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device, dtype=weight.dtype)
-    with torch.no_grad():
-        linear.weight.copy_(weight)
-        if bias is not None:
-            linear.bias.copy_(bias)
-    return linear
