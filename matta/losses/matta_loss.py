@@ -15,7 +15,7 @@ from typing import Optional
 
 from torch import Tensor, nn
 
-from ..ops.matta_loss import MatTALossOutput, fused_linear_matta_loss, matta_loss
+from ..ops.matta_loss import MatTALossOutput, check_loss_config, fused_linear_matta_loss, matta_loss
 
 RAMP_SCHEDULES = ("linear", "sigmoid")
 
@@ -65,19 +65,10 @@ class MatTALoss(nn.Module):
                  rampup: str = "linear", temperature: float = 1.0, ignore_index: int = -100):
         super().__init__()
         _check_ramp_config(rampup_steps, rampup_start, rampup)
-        try:
-            weights = tuple(float(w) for w in weights)
-        except (TypeError, ValueError):
-            raise TypeError(f"weights must be three numbers (w_S, w_TA, w_D), got {weights!r}") from None
-        if len(weights) != 3 or not all(math.isfinite(w) and w >= 0 for w in weights):
-            raise ValueError(f"weights must be three finite numbers >= 0 (w_S, w_TA, w_D), got {weights!r}")
-        if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature <= 0:
-            raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
-        self.weights = weights
+        self.weights, _, self.temperature = check_loss_config(weights, 1.0, temperature, ignore_index)
         self.rampup_steps = rampup_steps
         self.rampup_start = rampup_start
         self.rampup = rampup
-        self.temperature = float(temperature)
         self.ignore_index = ignore_index
         self.last_ramp: Optional[float] = None
 

@@ -194,7 +194,8 @@ def _rows_pass(z_s, z_ta, y, out, **kw):
 # Argument checks shared by both public functions.
 
 
-def _check_config(weights, ramp, temperature, ignore_index):
+def check_loss_config(weights, ramp, temperature, ignore_index):
+    """Validated ((w_S, w_TA, w_D), ramp, temperature); errors name the bad value."""
     try:
         w = tuple(float(v) for v in weights)
     except (TypeError, ValueError):
@@ -209,6 +210,18 @@ def _check_config(weights, ramp, temperature, ignore_index):
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int) or not -2**31 <= ignore_index < 2**31:
         raise TypeError(f"ignore_index must be an int (32-bit), got {ignore_index!r}")
     return w, float(ramp), float(temperature)
+
+
+def _loss_and_parts(ctx, totals, scale, config):
+    """Forward result of both Functions: the weighted loss and its three parts (0-dim,
+    logged, non-differentiable), after one host check that nothing became NaN or inf."""
+    (check,) = _read_checks([], [totals.sum()])
+    _raise_if_not_finite(check)
+    parts = totals[:3] * scale
+    loss = config["w_s"] * parts[0] + config["w_ta"] * parts[1] + config["w_d"] * parts[2]
+    student, ta, distill = parts.unbind()
+    ctx.mark_non_differentiable(student, ta, distill)
+    return loss, student, ta, distill
 
 
 def _soft_tolerance(dtype):
@@ -295,16 +308,10 @@ class _MatTALossFunction(torch.autograd.Function):
         rows = torch.full((z_s.shape[0], 4), float("nan"), dtype=out_dtype, device=z_s.device)
         _rows_pass(z_s, z_ta, y, rows, hard=hard, scale=scale, write_grad=write_grad, **config)
         totals = rows.sum(0)
-        (check,) = _read_checks([], [totals.sum()])
-        _raise_if_not_finite(check)
-        parts = totals[:3] * scale
-        loss = config["w_s"] * parts[0] + config["w_ta"] * parts[1] + config["w_d"] * parts[2]
         ctx.dtypes = (logits_s.dtype, logits_ta.dtype)
         if write_grad:
             ctx.save_for_backward(z_s, z_ta)
-        student, ta, distill = parts.unbind()
-        ctx.mark_non_differentiable(student, ta, distill)
-        return loss, student, ta, distill
+        return _loss_and_parts(ctx, totals, scale, config)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -341,7 +348,7 @@ def matta_loss(logits_s, logits_ta, target, *, weights=(1.0, 1.0, 1.0), ramp=1.0
         ValueError on mismatched shapes, a wrong target dtype, ids out of range, a soft
         target that is not a distribution, or NaN/inf anywhere in the kept logits.
     """
-    (w_s, w_ta, w_d), ramp, temperature = _check_config(weights, ramp, temperature, ignore_index)
+    (w_s, w_ta, w_d), ramp, temperature = check_loss_config(weights, ramp, temperature, ignore_index)
     for name, t in (("logits_s", logits_s), ("logits_ta", logits_ta)):
         if not isinstance(t, Tensor) or not t.is_floating_point() or t.dim() == 0:
             raise ValueError(f"{name} must be a floating-point tensor (..., C), got "
@@ -478,15 +485,9 @@ class _FusedLinearMatTALoss(torch.autograd.Function):
             if need_b:
                 db += zc.sum(0, dtype=db.dtype)
 
-        (check,) = _read_checks([], [totals.sum()])
-        _raise_if_not_finite(check)
-        parts = totals[:3] * scale
-        loss = config["w_s"] * parts[0] + config["w_ta"] * parts[1] + config["w_d"] * parts[2]
         ctx.save_for_backward(*(t if t is not None else torch.empty(0) for t in (dh_s, dh_ta, dw, db)))
         ctx.dtypes = (h_s.dtype, h_ta.dtype, weight.dtype, None if bias is None else bias.dtype)
-        student, ta, distill = parts.unbind()
-        ctx.mark_non_differentiable(student, ta, distill)
-        return loss, student, ta, distill
+        return _loss_and_parts(ctx, totals, scale, config)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -611,7 +612,7 @@ def fused_linear_matta_loss(h_s, h_ta, weight, target=None, *, bias=None, weight
         ValueError for bad shapes, dtypes, devices or configuration values, and when the
         hidden states, weight, bias, targets or teacher contain NaN or inf.
     """
-    (w_s, w_ta, w_d), ramp, temperature = _check_config(weights, ramp, temperature, ignore_index)
+    (w_s, w_ta, w_d), ramp, temperature = check_loss_config(weights, ramp, temperature, ignore_index)
     if not isinstance(weight, Tensor) or weight.dim() != 2 or not weight.is_floating_point():
         raise ValueError(f"weight must be a floating-point (V, d_TA) tensor, got "
                          f"{getattr(weight, 'dtype', type(weight).__name__)} {tuple(getattr(weight, 'shape', ()))}")
