@@ -6,6 +6,9 @@ ordinary nn.Linear layers holding copies of exactly the slices it uses, so its
 state_dict carries no TA baggage; `model(idx) -> logits` and
 `model.num_parameters(non_embedding=True)`.
 
+A model with an unshared Student (`NestingConfig(share_weights=False)`) offers only
+"student" (its own Dense weights) and "ta": nothing ties the two, so no mix is meaningful.
+
 With d_model nesting the residual stream has one width for the whole extracted model:
 `d_model="narrow"` (the Student's) or `"wide"` (the TA's). By default it is narrow unless
 every kept layer is wide.
@@ -49,6 +52,11 @@ def layer_choices(model, layers="student", *, k=None) -> tuple[str, ...]:
     if not isinstance(model, (NestedGPT2, NestedGAU)):
         raise TypeError(f"layer_choices needs a NestedGPT2 or NestedGAU, got {type(model).__name__}")
     depth = _ta_depth(model)
+    if not model.nest.share_weights and layers not in ("student", "ta"):
+        raise ValueError(
+            f"a model with an unshared Student (NestingConfig(share_weights=False)) offers only 'student' and "
+            f"'ta', got {layers!r}"
+        )
     if isinstance(layers, str):
         if layers not in PRESETS:
             raise ValueError(f"unknown extraction preset {layers!r}; use one of {PRESETS} or a list of {LAYER_CHOICES}")
@@ -104,28 +112,33 @@ def _gpt2_plan(model: NestedGPT2, choices, d):
     return config, shapes
 
 
+def _cut(layer, rows, cols, narrow):
+    """An nn.Linear of the leading rows x cols of a NestedLinear, or for a narrow layer of an
+    unshared model its Student's own weights (then rows x cols is the Student's shape)."""
+    if narrow and not layer.share_weights:
+        return layer.student_linear()
+    return plain_linear(layer.weight[:rows, :cols], layer.bias[:rows])
+
+
 def _extract_gpt2(model: NestedGPT2, choices, d):
     config, shapes = _gpt2_plan(model, choices, d)
     plain = GPT2(config, shapes)
     v = config.vocab_size
-    kept = [block for block, c in zip(model.blocks, choices) if c != "skip"]
+    kept = [(block, c == "narrow") for block, c in zip(model.blocks, choices) if c != "skip"]
     with torch.no_grad():
         plain.wte.weight.copy_(model.wte.weight[:, :d])
         plain.wte.weight[v:].zero_()
         plain.wpe.weight.copy_(model.wpe.weight[:, :d])
         plain.ln_f = model.ln_f.plain(d)
-        for target, source, shape in zip(plain.h, kept, shapes):
+        for target, (source, narrow), shape in zip(plain.h, kept, shapes):
             a, f = shape.attn_dim, shape.n_inner
             target.ln_1 = source.ln_1.plain(d)
             target.ln_2 = source.ln_2.plain(d)
             # c_attn rows: the Student's [q k v] (narrow), or all rows in the nested layout (wide)
-            c_attn = source.attn.c_attn
-            target.attn.c_attn = plain_linear(c_attn.weight[: 3 * a, :d], c_attn.bias[: 3 * a])
-            proj = source.attn.c_proj
-            target.attn.c_proj = plain_linear(proj.weight[:d, :a], proj.bias[:d])
-            fc, proj = source.mlp.c_fc, source.mlp.c_proj
-            target.mlp.c_fc = plain_linear(fc.weight[:f, :d], fc.bias[:f])
-            target.mlp.c_proj = plain_linear(proj.weight[:d, :f], proj.bias[:d])
+            target.attn.c_attn = _cut(source.attn.c_attn, 3 * a, d, narrow)
+            target.attn.c_proj = _cut(source.attn.c_proj, d, a, narrow)
+            target.mlp.c_fc = _cut(source.mlp.c_fc, f, d, narrow)
+            target.mlp.c_proj = _cut(source.mlp.c_proj, d, f, narrow)
     return plain.train(model.training)
 
 
@@ -144,15 +157,22 @@ def _gau_plan(model: NestedGAU, choices, d):
 def _extract_gau(model: NestedGAU, choices, d):
     config, shapes = _gau_plan(model, choices, d)
     plain = GAU(config, shapes)
-    kept = [layer for layer, c in zip(model.blocks, choices) if c != "skip"]
+    kept = [(layer, c == "narrow") for layer, c in zip(model.blocks, choices) if c != "skip"]
     with torch.no_grad():
         plain.wte.weight.copy_(model.wte.weight[:, :d])
         plain.wte.weight[config.vocab_size :].zero_()
         plain.norm_f = model.norm_f.plain(d)
         if config.is_classifier:
-            plain.head = plain_linear(model.head.weight[:, :d], model.head.bias)
-        for target, source, shape in zip(plain.blocks, kept, shapes):
-            target.load_state_dict(source.plain_state(d, shape.expansion))
+            narrow = all(c != "wide" for c in choices)  # decides only for an unshared head
+            plain.head = _cut(model.head, model.head.out_features[0], d, narrow)
+        for target, (source, narrow), shape in zip(plain.blocks, kept, shapes):
+            state = source.plain_state(d, shape.expansion)
+            if narrow and not source.uvz.share_weights:
+                for name in ("uvz", "o"):
+                    own = getattr(source, name)
+                    state.update({f"{name}.weight": own.student_weight.detach().clone(),
+                                  f"{name}.bias": own.student_bias.detach().clone()})
+            target.load_state_dict(state)
     return plain.train(model.training)
 
 

@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..layers import NestedLinear
 from .config import NestingConfig
 
 INIT_STD = 0.02
@@ -35,6 +36,8 @@ def gpt2_init_(module: nn.Module, n_layer: int):
     projections that write into the residual stream scaled by 1/sqrt(2 * n_layer)."""
     for name, p in module.named_parameters():
         *path, leaf = name.split(".")
+        if leaf.startswith("student_"):
+            continue  # an unshared Student is copied from the TA afterwards (copy_student_blocks_)
         if any(part.startswith(("ln", "norm")) for part in path):
             nn.init.ones_(p) if leaf == "weight" else nn.init.zeros_(p)
         elif leaf == "bias":
@@ -42,6 +45,20 @@ def gpt2_init_(module: nn.Module, n_layer: int):
         elif p.dim() >= 2:
             std = INIT_STD / math.sqrt(2 * n_layer) if name.endswith("c_proj.weight") else INIT_STD
             nn.init.normal_(p, 0.0, std)
+
+
+def copy_student_blocks_(module: nn.Module) -> None:
+    """Sets the own weights of every unshared Student Dense layer to the TA's leading block.
+
+    The init functions skip those weights and draw nothing for them, so every shared
+    parameter gets the very numbers it gets in the shared model of the same seed."""
+    with torch.no_grad():
+        for layer in module.modules():
+            if isinstance(layer, NestedLinear) and not layer.share_weights:
+                n_s, m_s = layer.student_features
+                layer.student_weight.copy_(layer.weight[:n_s, :m_s])
+                if layer.student_bias is not None:
+                    layer.student_bias.copy_(layer.bias[:n_s])
 
 
 def resolve_ffn_ta(n_inner: int, nest: NestingConfig, what: str) -> int:

@@ -176,6 +176,14 @@ class NestingConfig:
         the first n_embd features of every residual vector.
     n_head_ta: TA attention heads (GPT-2; None keeps the Student's head size). The Student's
         heads are the TA's first heads when the head sizes agree.
+    share_weights: False gives every Dense layer (NestedLinear) of the Student its own
+        weight and bias (the paper's Table 4 ablation). As in the paper's ablation the
+        token (and position) embedding, and with it the tied LM head, stays shared; so do
+        the small per-feature vectors (LayerNorm scale and shift, GAU's Q/K scales and
+        offsets and relative position bias). The Student's Dense layers start as copies of
+        the TA's leading blocks, so a model starts out computing exactly what the shared
+        model of the same seed computes; only training tells them apart. Only the Student
+        and the TA can be extracted from such a model.
     """
 
     ffn_ta: int | None = None
@@ -183,8 +191,11 @@ class NestingConfig:
     extra_layer_positions: str | Sequence[int] = "interleave"
     d_model_ta: int | None = None
     n_head_ta: int | None = None
+    share_weights: bool = True
 
     def __post_init__(self):
+        if not isinstance(self.share_weights, bool):
+            raise ValueError(f"NestingConfig.share_weights must be True or False, got {self.share_weights!r}")
         if not isinstance(self.extra_layers, int) or self.extra_layers < 0:
             raise ValueError(f"NestingConfig.extra_layers must be an int >= 0, got {self.extra_layers!r}")
         positions = self.extra_layer_positions

@@ -24,6 +24,7 @@ from ._common import (
     INIT_STD,
     NestedLayerNorm,
     check_tokens,
+    copy_student_blocks_,
     count_parameters,
     resolve_d_model_ta,
     resolve_ffn_ta,
@@ -188,6 +189,8 @@ def gau_init_(module: nn.Module):
     biases, offsets and relative position biases; unit LayerNorms."""
     for name, p in module.named_parameters():
         *path, leaf = name.split(".")
+        if leaf.startswith("student_"):
+            continue  # an unshared Student is copied from the TA afterwards (copy_student_blocks_)
         if any(part.startswith("norm") for part in path):
             nn.init.ones_(p) if leaf == "weight" else nn.init.zeros_(p)
         elif leaf in ("bias", "beta", "rel_bias"):
@@ -203,16 +206,17 @@ def gau_init_(module: nn.Module):
 class NestedGAULayer(nn.Module):
     """A GAU layer run by both streams (or by the TA alone when `ta_only`)."""
 
-    def __init__(self, config: GAUConfig, d_ta, expansion_ta, ta_only):
+    def __init__(self, config: GAUConfig, d_ta, expansion_ta, ta_only, share=True):
         super().__init__()
+        share = share or ta_only  # a TA-only layer has no Student to unshare
         d_s, e_s, s = config.n_embd, config.expansion, config.attn_dim
         self.ta_only, self.d_s, self.e_s, self.e_ta, self.attn_dim = ta_only, d_s, e_s, expansion_ta, s
         self.n_positions, self.causal = config.n_positions, not config.is_classifier
         self.norm = NestedLayerNorm(d_s, d_ta, config.layer_norm_epsilon)
-        self.uvz = NestedLinear((d_s, d_ta), (2 * e_s + s, 2 * expansion_ta + s))
+        self.uvz = NestedLinear((d_s, d_ta), (2 * e_s + s, 2 * expansion_ta + s), share_weights=share)
         self.qk = _QK(s)
         self.rel_bias = nn.Parameter(torch.zeros(2 * config.n_positions - 1))
-        self.o = NestedLinear((e_s, expansion_ta), (d_s, d_ta))
+        self.o = NestedLinear((e_s, expansion_ta), (d_s, d_ta), share_weights=share)
         self.drop = nn.Dropout(config.dropout)
 
     def _ta_uvz(self, y):
@@ -282,12 +286,14 @@ class NestedGAU(nn.Module):
         self.wte = nn.Embedding(config.padded_vocab_size, d_ta)
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(
-            NestedGAULayer(config, d_ta, self.ta_expansion, ta_only=i in self.ta_only_layers) for i in range(n_layer_ta)
+            NestedGAULayer(config, d_ta, self.ta_expansion, ta_only=i in self.ta_only_layers, share=nest.share_weights)
+            for i in range(n_layer_ta)
         )
         self.norm_f = NestedLayerNorm(d_s, d_ta, config.layer_norm_epsilon)
         classes = config.num_classes
-        self.head = NestedLinear((d_s, d_ta), (classes, classes)) if config.is_classifier else None
+        self.head = NestedLinear((d_s, d_ta), (classes, classes), share_weights=nest.share_weights) if config.is_classifier else None
         gau_init_(self)
+        copy_student_blocks_(self)
         with torch.no_grad():
             self.wte.weight[config.vocab_size :].zero_()
 

@@ -34,6 +34,7 @@ from ..layers import NestedLinear
 from ._common import (
     NestedLayerNorm,
     check_tokens,
+    copy_student_blocks_,
     count_parameters,
     gpt2_init_,
     resolve_d_model_ta,
@@ -196,11 +197,11 @@ def split_nested_qkv(y, d_s):
 
 
 class NestedCausalSelfAttention(nn.Module):
-    def __init__(self, d_s, d_ta, n_head_s, n_head_ta, dropout):
+    def __init__(self, d_s, d_ta, n_head_s, n_head_ta, dropout, share=True):
         super().__init__()
         self.d_s, self.n_head_s, self.n_head_ta, self.dropout = d_s, n_head_s, n_head_ta, dropout
-        self.c_attn = NestedLinear((d_s, d_ta), (3 * d_s, 3 * d_ta))
-        self.c_proj = NestedLinear((d_s, d_ta), (d_s, d_ta))
+        self.c_attn = NestedLinear((d_s, d_ta), (3 * d_s, 3 * d_ta), share_weights=share)
+        self.c_proj = NestedLinear((d_s, d_ta), (d_s, d_ta), share_weights=share)
 
     def _p(self):
         return self.dropout if self.training else 0.0
@@ -218,10 +219,10 @@ class NestedCausalSelfAttention(nn.Module):
 
 
 class NestedMLP(nn.Module):
-    def __init__(self, d_s, d_ta, ffn_s, ffn_ta):
+    def __init__(self, d_s, d_ta, ffn_s, ffn_ta, share=True):
         super().__init__()
-        self.c_fc = NestedLinear((d_s, d_ta), (ffn_s, ffn_ta))
-        self.c_proj = NestedLinear((ffn_s, ffn_ta), (d_s, d_ta))
+        self.c_fc = NestedLinear((d_s, d_ta), (ffn_s, ffn_ta), share_weights=share)
+        self.c_proj = NestedLinear((ffn_s, ffn_ta), (d_s, d_ta), share_weights=share)
 
     def forward_ta(self, x_ta):
         h = gelu(F.linear(x_ta, self.c_fc.weight, self.c_fc.bias))
@@ -235,14 +236,15 @@ class NestedMLP(nn.Module):
 class NestedBlock(nn.Module):
     """A transformer block run by both streams, or by the TA alone when `ta_only`."""
 
-    def __init__(self, config: GPT2Config, d_ta, n_head_ta, ffn_ta, ta_only):
+    def __init__(self, config: GPT2Config, d_ta, n_head_ta, ffn_ta, ta_only, share=True):
         super().__init__()
         d_s, eps = config.n_embd, config.layer_norm_epsilon
         self.ta_only = ta_only
+        share = share or ta_only  # a TA-only block has no Student to unshare
         self.ln_1 = NestedLayerNorm(d_s, d_ta, eps)
-        self.attn = NestedCausalSelfAttention(d_s, d_ta, config.n_head, n_head_ta, config.dropout)
+        self.attn = NestedCausalSelfAttention(d_s, d_ta, config.n_head, n_head_ta, config.dropout, share)
         self.ln_2 = NestedLayerNorm(d_s, d_ta, eps)
-        self.mlp = NestedMLP(d_s, d_ta, config.n_inner, ffn_ta)
+        self.mlp = NestedMLP(d_s, d_ta, config.n_inner, ffn_ta, share)
         self.drop = nn.Dropout(config.dropout)
 
     def forward_ta(self, x_ta):
@@ -297,10 +299,12 @@ class NestedGPT2(nn.Module):
         self.wpe = nn.Embedding(config.n_positions, d_ta)
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(
-            NestedBlock(config, d_ta, n_head_ta, ffn_ta, ta_only=i in self.ta_only_layers) for i in range(n_layer_ta)
+            NestedBlock(config, d_ta, n_head_ta, ffn_ta, ta_only=i in self.ta_only_layers, share=nest.share_weights)
+            for i in range(n_layer_ta)
         )
         self.ln_f = NestedLayerNorm(d_s, d_ta, config.layer_norm_epsilon)
         gpt2_init_(self, n_layer_ta)
+        copy_student_blocks_(self)
         with torch.no_grad():
             self.wte.weight[config.vocab_size :].zero_()
 
@@ -355,4 +359,6 @@ class NestedGPT2(nn.Module):
         """
         from .hf_gpt2 import nested_gpt2_from_hf
 
+        if nest is not None and not nest.share_weights:
+            raise ValueError("from_hf_gpt2 builds a shared model only; drop NestingConfig(share_weights=False)")
         return nested_gpt2_from_hf(cls, path, nest, zero_init_extras=zero_init_extras)
