@@ -186,14 +186,26 @@ class GAU(nn.Module):
 
 def gau_init_(module: nn.Module):
     """N(0, 0.02) Dense weights, embeddings and Q/K scales (as in Hua et al.'s code); zero
-    biases, offsets and relative position biases; unit LayerNorms."""
+    biases and offsets; unit LayerNorms; relative position biases 1/sqrt(n).
+
+    Why the bias is not zero: with N(0, 0.02) scales, Q K^T / n starts near 1e-7, so with a
+    zero bias A = relu(.)^2 starts near 1e-14 and its gradient (2 relu(.)) near 1e-7.
+    Adam moves the bias by about the learning rate from the first steps whatever the size of
+    the gradient; where it moves below zero every score is negative, the ReLU passes no
+    gradient, and that attention stays exactly zero for good (seen in a 2-layer classifier).
+    Starting the bias at 1/sqrt(n) puts every score in the ReLU's active region: A starts as
+    a uniform average over the context (1/n per key) with gradient 2/sqrt(n) per score, and
+    the bias would have to fall by 1/sqrt(n) before a score could die.
+    """
     for name, p in module.named_parameters():
         *path, leaf = name.split(".")
         if leaf.startswith("student_"):
             continue  # an unshared Student is copied from the TA afterwards (copy_student_blocks_)
         if any(part.startswith("norm") for part in path):
             nn.init.ones_(p) if leaf == "weight" else nn.init.zeros_(p)
-        elif leaf in ("bias", "beta", "rel_bias"):
+        elif leaf == "rel_bias":  # 2 n - 1 relative offsets
+            nn.init.constant_(p, ((p.numel() + 1) / 2) ** -0.5)
+        elif leaf in ("bias", "beta"):
             nn.init.zeros_(p)
         else:
             nn.init.normal_(p, 0.0, INIT_STD)
