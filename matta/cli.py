@@ -4,6 +4,7 @@
     matta extract --run RUN_DIR --spec student|ta|wide_narrow_wide:K|all --out DIR [--hf]
     matta eval    --run RUN_DIR [--models student,ta,family] [--tasks val,lambada:PATH,choice:PATH]
     matta bench   [nested_linear loss shampoo models]
+    matta study   --preset tiny|small|gpt2-medium --seeds N [--steps S | --tokens T] --out DIR [--arms ...] [--quick]
 
 A usage problem (bad flag value, missing file, unknown model, memory, checkpoint) prints one
 line naming the problem and the fix and exits with code 2; `--debug` shows the traceback.
@@ -20,10 +21,11 @@ from pathlib import Path
 
 from .data import DataError
 from .evaluation import TaskError
+from .study import StudyError
 from .train.checkpoint import CheckpointError
 from .train.config import BOOL_FIELDS, FIELDS, ConfigError, coerce, load_toml, make_config
 
-USAGE_ERRORS = (ConfigError, DataError, CheckpointError, TaskError)
+USAGE_ERRORS = (ConfigError, DataError, CheckpointError, TaskError, StudyError)
 
 
 class CLIError(ValueError):
@@ -253,12 +255,46 @@ def cmd_bench(args) -> int:
 
 
 # ----------------------------------------------------------------------------------------
+# study
+
+
+def cmd_study(args) -> int:
+    from .study import run_from_args
+
+    return run_from_args(args, log=lambda message: print(message, flush=True))
+
+
+def _add_study_flags(p: argparse.ArgumentParser) -> None:
+    from .study import PRESETS, TASKS
+
+    p.add_argument("--preset", default="tiny", choices=list(PRESETS), help="model, data and budget (default: tiny, a CPU)")
+    p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 per arm (default 3)")
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default: the preset's)")
+    budget.add_argument("--tokens", type=int, default=None, help="training tokens per run instead of --steps")
+    p.add_argument("--out", required=True, help="study directory (runs, study.json, RESULTS.md, study.png)")
+    p.add_argument("--data", default=None, help="data of every run (default: the preset's; see `matta train --data`)")
+    p.add_argument("--arms", default="core",
+                   help="comma list of arms (student|ta|matta|student-flops|matta-unshared|matta-wd0|teacher-student|"
+                        "teacher-matta, each -adamw or -shampoo), core (default) or all")
+    p.add_argument("--task", default="lm", choices=list(TASKS), help="lm (validation loss) or classify (AucLoss)")
+    p.add_argument("--teacher", default=None, help="a Teacher for the teacher-* arms (run directory or HF GPT-2 folder)")
+    p.add_argument("--lr", default=None, help="fixed rates instead of the sweep: adamw=3e-3,shampoo=1e-3")
+    p.add_argument("--quick", action="store_true", help="a plumbing check in a few steps of a very small model; claims nothing")
+    p.add_argument("--jobs", type=int, default=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1,
+                   help="runs side by side (default: the CPU cores)")
+    p.add_argument("--threads", type=int, default=1, help="CPU threads of each run (default 1)")
+    p.add_argument("--device", default="auto", help="device of every run: auto, cpu, cuda")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+
+
+# ----------------------------------------------------------------------------------------
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="matta", description="Matryoshka Teaching-Assistant (MatTA) training.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
-    sub = parser.add_subparsers(dest="command", metavar="{train,extract,eval,bench}", parser_class=_Parser)
+    sub = parser.add_subparsers(dest="command", metavar="{train,extract,eval,bench,study}", parser_class=_Parser)
     sub.required = True
 
     p = sub.add_parser("train", help="train a Student nested in a TA (defaults: a tiny GPT-2 on the builtin corpus)")
@@ -284,6 +320,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="run the kernel microbenchmarks (benchmarks/bench_*.py) and print their tables")
     p.add_argument("names", nargs="*", help=f"which (default: {' '.join(KERNEL_BENCHMARKS)}; also models)")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
+
+    p = sub.add_parser("study", help="the paper's claims as one resumable set of runs, with RESULTS.md and a plot")
+    _add_study_flags(p)
     return parser
 
 
@@ -291,11 +330,13 @@ def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     parser = build_parser()
-    command = next((a for a in argv if a in ("train", "extract", "eval", "bench")), None)
+    command = next((a for a in argv if a in ("train", "extract", "eval", "bench", "study")), None)
     prog = f"matta {command}" if command else "matta"
     try:
         args = parser.parse_args(argv)
-        return {"train": cmd_train, "extract": cmd_extract, "eval": cmd_eval, "bench": cmd_bench}[args.command](args)
+        args.argv = argv[argv.index(command) + 1 :] if command else []
+        commands = {"train": cmd_train, "extract": cmd_extract, "eval": cmd_eval, "bench": cmd_bench, "study": cmd_study}
+        return commands[args.command](args)
     except (CLIError, *USAGE_ERRORS, FloatingPointError) as exc:
         if debug:
             raise

@@ -1,0 +1,178 @@
+"""`matta study`: the --quick plumbing end to end (runs, resume, report, run directories that
+`matta eval`/`extract` accept), and the statistics and readings of the report on runs with
+known numbers."""
+import json
+
+import pytest
+
+import matta.study_report as report
+from matta.cli import main
+from matta.study import (
+    ARM_KINDS,
+    Arm,
+    Study,
+    StudyError,
+    StudySettings,
+    parse_arms,
+    parse_lrs,
+    run_dir_of,
+    train_settings,
+    write_json,
+)
+from matta.study_report import load_study, verdict, write_report
+from matta.stats import mean_interval
+
+
+@pytest.fixture(autouse=True)
+def _env(tmp_path, monkeypatch):
+    monkeypatch.setenv("MATTA_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+
+
+QUICK = ["study", "--quick", "--seeds", "2", "--arms", "student-adamw,ta-adamw,matta-adamw", "--jobs", "2"]
+
+
+@pytest.mark.slow
+def test_quick_study_runs_resumes_and_reports(tmp_path, capsys):
+    out = tmp_path / "study"
+    assert main([*QUICK, "--out", str(out)]) == 0
+    text = (out / "RESULTS.md").read_text()
+    assert "--quick" in text and "Not assessed" in text and (out / "study.png").stat().st_size > 10_000
+    assert "the same initialisation and data order" in text
+    state = json.loads((out / "study.json").read_text())
+    assert state["chosen_lr"] == {"adamw": 0.003}
+    runs = [out / rel for seeds in state["runs"].values() for rel in seeds.values()]
+    assert len(runs) == 6 and all((r / "results.json").is_file() for r in runs)
+    data = load_study(out)
+    assert set(data.runs) == {"student-adamw", "ta-adamw", "matta-adamw"} and not data.missing
+    matta_run = data.runs["matta-adamw"][1].run_dir
+    # Every arm is an ordinary run directory.
+    assert main(["eval", "--run", str(matta_run), "--models", "student"]) == 0
+    assert main(["extract", "--run", str(matta_run), "--spec", "ta", "--out", str(tmp_path / "models")]) == 0
+
+    # A killed study resumes: finished runs are kept, an unfinished one continues from its checkpoint.
+    stamps = {r: (r / "results.json").stat().st_mtime_ns for r in runs}
+    (matta_run / "results.json").unlink()
+    capsys.readouterr()
+    assert main([*QUICK, "--out", str(out)]) == 0
+    said = capsys.readouterr().out
+    assert "matta-adamw seed 1 lr 0.003: resuming" in said
+    assert said.count(": starting") == 0
+    assert all((r / "results.json").stat().st_mtime_ns == stamps[r] for r in runs if r != matta_run)
+    assert "--resume" in (matta_run.with_name(matta_run.name + ".log")).read_text()
+    assert len(json.loads(matta_run.with_name(matta_run.name + ".wall.json").read_text())["segments"]) == 2
+
+    # The same directory with other settings is refused.
+    capsys.readouterr()
+    assert main([*QUICK, "--out", str(out), "--steps", "5"]) == 2
+    assert "other settings" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--arms", "student-sgd"], "unknown arm"),
+    (["--arms", "teacher-matta-adamw"], "need --teacher"),
+    (["--arms", ""], "names no arm"),
+    (["--lr", "adamw=fast"], "OPTIMIZER=RATE"),
+    (["--seeds", "0"], "at least 1"),
+    (["--steps", "0"], "at least 1"),
+])
+def test_usage_errors(tmp_path, capsys, argv, message):
+    assert main(["study", "--quick", "--out", str(tmp_path / "s"), *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1 and "Traceback" not in err
+
+
+def test_arms_the_trainer_cannot_run_yet_are_refused(tmp_path, capsys):
+    if "share_weights" not in train_settings():
+        assert main(["study", "--quick", "--out", str(tmp_path / "s"), "--arms", "matta-unshared-adamw"]) == 2
+        assert "--share-weights" in capsys.readouterr().err
+    if "task" not in train_settings():
+        assert main(["study", "--quick", "--out", str(tmp_path / "t"), "--task", "classify"]) == 2
+        assert "--task" in capsys.readouterr().err
+
+
+def test_arm_lists():
+    assert [a.name for a in parse_arms("core", None)] == [
+        "student-adamw", "student-shampoo", "ta-adamw", "ta-shampoo", "matta-adamw", "matta-shampoo"]
+    names = [a.name for a in parse_arms("all", "/teacher")]
+    assert "student-flops-adamw" in names and "teacher-matta-adamw" in names and len(names) == len(set(names))
+    assert [a.name for a in parse_arms("matta-wd0-shampoo,core", None)][0] == "matta-wd0-shampoo"
+    assert parse_lrs("adamw=1e-3, shampoo=2e-3") == {"adamw": 1e-3, "shampoo": 2e-3}
+    with pytest.raises(StudyError):
+        parse_lrs("adamw=-1")
+
+
+# ----------------------------------------------------------------------------------------
+# The report on runs with known numbers
+
+
+FAMILY = [("student", 100, "Student"), ("wide_narrow_wide:0", 150, "wide-narrow-wide k=0"),
+          ("wide_narrow_wide:2", 180, "wide-narrow-wide k=2"), ("ta", 200, "TA")]
+
+
+def fake_study(out, values: dict, seeds=3):
+    """A study directory whose runs hold the given metrics: values[arm][spec] = per-seed list."""
+    settings = StudySettings("tiny", seeds, 10, None, "builtin", "lm", False, None, {}, "cpu", 1)
+    arms = [Arm(ARM_KINDS[name.rsplit("-", 1)[0]], name.rsplit("-", 1)[1]) for name in values]
+    study = Study(settings, arms, out, 1, "matta study (test)", chosen_lr={"adamw": 0.003, "shampoo": 0.003},
+                  sweep={"adamw": {0.003: 5.0}})
+    for arm, specs in values.items():
+        for seed in range(seeds):
+            run = run_dir_of(out, arm, seed, 0.003)
+            run.mkdir(parents=True)
+            study.runs.setdefault(arm, {})[seed] = run
+            rows = [{"name": name, "spec": spec, "params": params, "val_loss": specs[spec][seed]}
+                    for spec, params, name in FAMILY if spec in specs]
+            write_json(run / "results.json", {"step": 10, "models": rows})
+            write_json(run / "config.json", {"batch_size": 2, "block_size": 8, "grad_accum": 1})
+            (run / "metrics.jsonl").write_text(json.dumps({"kind": "train", "step": 1, "loss_student": 7.0 + seed,
+                                                           "loss_ta": 7.5 + seed}) + "\n")
+            write_json(run.with_name(run.name + ".wall.json"), {"seconds": 12.0, "segments": []})
+    study.save_state()
+    return out
+
+
+def test_report_readings_on_known_numbers(tmp_path, monkeypatch):
+    monkeypatch.setattr(report, "_flops_per_token_by_mode", lambda data: {"student": 10.0, "ta": 20.0, "matta": 30.0})
+    base = [5.0, 5.1, 5.2]
+    values = {
+        "student-adamw": {"student": base, "ta": [9, 9, 9]},
+        # Shampoo alone: differences 0, +0.05, -0.1: the interval includes 0.
+        "student-shampoo": {"student": [5.0, 5.15, 5.1]},
+        # MatTA: 0.1 better on every seed (a zero-width interval below 0).
+        "matta-adamw": {"student": [4.9, 5.0, 5.1], "wide_narrow_wide:0": [4.8, 4.9, 5.0],
+                        "wide_narrow_wide:2": [4.7, 4.8, 4.9], "ta": [4.6, 4.7, 4.8]},
+        # Worse than the baseline on every seed, by 0.2, 0.3, 0.25: the opposite is significant.
+        "matta-shampoo": {"student": [5.2, 5.4, 5.45], "ta": [5.0, 5.0, 5.0]},
+        "ta-adamw": {"student": [5.3, 5.4, 5.5], "wide_narrow_wide:0": [5.0, 5.1, 5.2],
+                     "wide_narrow_wide:2": [4.75, 4.8, 4.95], "ta": [4.5, 4.6, 4.7]},
+    }
+    path = write_report(fake_study(tmp_path / "s", values))
+    text = path.read_text()
+    readings = {c: v for c, _, _, v in report.claims(load_study(tmp_path / "s"))}
+    assert readings["Shampoo improves the Student trained alone"] == "not supported at this budget (the interval includes 0)"
+    assert readings["the MatTA Student (adamw) beats the Student trained alone with AdamW"] == "held"
+    assert readings["the MatTA Student (shampoo) beats the Student trained alone with AdamW"].endswith(
+        "the opposite direction is significant")
+    # interaction per seed: (5.2-5.0-4.9+5.0, 5.4-5.15-5.0+5.1, 5.45-5.1-5.1+5.2) = (0.3, 0.35, 0.45) > 0
+    inter = [c for c in readings if c.startswith("MatTA and Shampoo combine")]
+    assert readings[inter[0]].endswith("the opposite direction is significant")
+    assert readings["the MatTA Mix'n'Match family (adamw) improves with every step up in size"] == "held"
+    assert readings["every member of the MatTA family (adamw) beats the Student trained alone"] == "held"
+    # The TA slices: MatTA 4.6.. vs alone 4.5..: the TA member is worse, so not every member beats.
+    assert readings["slices of the MatTA TA beat the same slices of the TA trained alone (adamw)"] == (
+        "not supported at this budget")
+    assert "the criterion margin > 2 x spread is met" in text  # 5.1 - 4.6 = 0.5 > 2 * 0.1
+    assert "differs across arms by at most 0.00e+00" in text
+    assert "| MatTA (AdamW) | 5.0000 ± 0.1000 | 148.41 | -0.1000 [-0.1000, -0.1000] | -1.96% |" in text
+    assert "| 10 | 160 | 4.8k | 12 |" in text  # steps, tokens (10 x 2 x 8), FLOPs (30 x 160), wall
+    assert (tmp_path / "s" / "study.png").stat().st_size > 10_000
+
+
+def test_a_single_seed_claims_nothing(tmp_path, monkeypatch):
+    monkeypatch.setattr(report, "_flops_per_token_by_mode", lambda data: {})
+    fake_study(tmp_path / "s", {"student-adamw": {"student": [5.0]}, "matta-adamw": {"student": [4.0], "ta": [3.9]}}, seeds=1)
+    readings = [v for *_, v in report.claims(load_study(tmp_path / "s"))]
+    assert readings and all(v.startswith("not supported") for v in readings)
+    assert verdict(mean_interval([-1.0, -1.1])) == "held"
+    assert verdict(mean_interval([1.0, 1.1]), lower_is_paper=False) == "held"
