@@ -39,6 +39,12 @@ test sets are fixed by the task seed alone, so every run seed is scored on the s
 
 A model's score for an example is logit[1] - logit[0] of a two-class classifier (any
 strictly increasing function of q gives the same AUROC).
+
+The defaults (64 ids, 8 + 8 tokens, 16 interaction features) are sized for a CPU: measured
+(seed 0, 750 steps of 64 examples, AdamW 3e-3, a 2-layer nested GAU classifier, d 32,
+attention width 16), the Student of expansion 16 reached AucLoss 0.162 and a TA of
+expansion 64 trained alone 0.141 (one seed each), against 0.082 for the ground truth, 0.090 for
+the Teacher and 0.30 for the ground truth's unary part alone (no interactions).
 """
 from __future__ import annotations
 
@@ -65,10 +71,10 @@ def _generator(*parts) -> torch.Generator:
 class RelevanceTask:
     """A synthetic relevance task with a known ground-truth scorer (see the module docstring)."""
 
-    vocab_size: int = 256
-    user_len: int = 16
-    item_len: int = 16
-    features: int = 32
+    vocab_size: int = 64
+    user_len: int = 8
+    item_len: int = 8
+    features: int = 16
     unary_weight: float = 0.25
     sharpness: float = 3.0
     teacher_noise: float = 0.5
