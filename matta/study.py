@@ -480,16 +480,21 @@ class Study:
         return not self.failed
 
     def _sweep(self, runner: Runner) -> None:
-        """Learning rates: per optimizer, the Student alone of seed 0 at each rate of the grid."""
+        """Learning rates: per optimizer, the Student alone of seed 0 at each rate of the grid
+        (a grid of one rate, from --lr or --quick, needs no runs)."""
         jobs = {}
         for opt in self.optimizers():
-            for lr in self.settings.lr_grid(opt):
+            grid = self.settings.lr_grid(opt)
+            if len(grid) == 1:
+                self.chosen_lr[opt] = grid[0]
+                continue
+            for lr in grid:
                 jobs[(opt, lr)] = job_for(self.settings, self.out, Arm(ARM_KINDS["student"], opt), 0, lr)
         runner.run_all(list(jobs.values()))
         for (opt, lr), job in jobs.items():
             if job.finished():
                 self.sweep.setdefault(opt, {})[lr] = metric_of(job.run_dir, "student", self.metric)
-        for opt in self.optimizers():
+        for opt in (o for o in self.optimizers() if (o, self.settings.lr_grid(o)[0]) in jobs):
             results = self.sweep.get(opt, {})
             if len(results) < len(self.settings.lr_grid(opt)):
                 raise StudyError(f"the learning-rate sweep for {opt} did not finish; see the logs under {self.out / 'runs'}")

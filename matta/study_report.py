@@ -392,14 +392,19 @@ def write_report(out) -> Path:
         "",
         "## Learning rates",
         "",
-        "A small sweep per optimizer on the Student-alone arm of seed 0 only; the best rate is reused for every "
-        "arm and seed." if not st["lrs"] and not data.quick else "Fixed learning rates (no sweep).",
+        "Per optimizer, a small sweep on the Student-alone arm of seed 0 only (Student "
+        f"{data.metric} per rate); the best rate is reused for every arm and seed. A fixed rate (--lr, --quick) "
+        "has no sweep.",
         "",
     ]
-    for opt, results in data.state.get("sweep", {}).items():
-        chosen = data.state["chosen_lr"].get(opt)
-        cells = ", ".join(f"{lr} -> {v:.4f}" for lr, v in sorted(results.items(), key=lambda kv: float(kv[0])))
-        lines.append(f"- {opt}: {cells}; chosen {chosen:g}")
+    sweep = data.state.get("sweep", {})
+    for opt, chosen in data.state["chosen_lr"].items():
+        results = sweep.get(opt)
+        if results:
+            cells = ", ".join(f"{lr} -> {v:.4f}" for lr, v in sorted(results.items(), key=lambda kv: float(kv[0])))
+            lines.append(f"- {opt}: {cells}; chosen {chosen:g}")
+        else:
+            lines.append(f"- {opt}: {chosen:g} (fixed)")
     lines += ["", init_check(data), ""]
     check = budget_check(data)
     if check:
