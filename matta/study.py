@@ -504,29 +504,37 @@ class Study:
         self.save_state()
 
     def _arms(self, runner: Runner) -> None:
-        jobs = []
-        matched_steps = self._compute_matched_steps() if any(a.kind.name == "student-flops" for a in self.arms) else None
-        for seed in range(self.settings.seeds):
-            for arm in self.arms:
-                lr = self.chosen_lr[arm.optimizer]
-                steps = matched_steps if arm.kind.name == "student-flops" else None
-                job = job_for(self.settings, self.out, arm, seed, lr, steps)
-                self.runs.setdefault(arm.name, {})[seed] = job.run_dir
-                jobs.append(job)
+        """Every arm and seed; the compute-matched Student last, as its budget is measured on
+        a finished run of the study."""
+        matched = [a for a in self.arms if a.kind.name == "student-flops"]
         # The costliest runs first, so that side-by-side jobs end together.
         cost = {"matta": 3, "ta": 2, "student": 1}
+        jobs = [self._job(arm, seed) for seed in range(self.settings.seeds) for arm in self.arms if arm not in matched]
         jobs.sort(key=lambda j: (j.seed, -cost[j.arm.kind.mode]))
         self.save_state()
         runner.run_all(jobs)
+        if matched:
+            steps = self._compute_matched_steps()
+            jobs = [self._job(arm, seed, steps) for seed in range(self.settings.seeds) for arm in matched]
+            self.save_state()
+            runner.run_all(jobs)
+
+    def _job(self, arm: Arm, seed: int, steps: int | None = None) -> Job:
+        job = job_for(self.settings, self.out, arm, seed, self.chosen_lr[arm.optimizer], steps)
+        self.runs.setdefault(arm.name, {})[seed] = job.run_dir
+        return job
 
     def _compute_matched_steps(self) -> int:
-        """Steps for a Student alone to spend the training FLOPs of a MatTA run of the budget."""
-        reference = run_dir_of(self.out, "student-adamw", 0, self.chosen_lr["adamw"])
-        if not reference.is_dir():
-            reference = next(p for p in (self.out / "runs").glob("student-*/seed0-*") if (p / "results.json").is_file())
+        """Steps for a Student alone to spend the training FLOPs of a MatTA run of the budget
+        (every arm trains the same model, so any finished run of the study can count them)."""
+        finished = [p for p in sorted((self.out / "runs").glob("*/seed*"))
+                    if (p / "results.json").is_file() and not p.parent.name.startswith("student-flops")]
+        if not finished:
+            raise StudyError("the compute-matched Student (student-flops-*) needs another arm or a learning-rate sweep "
+                             "to finish first; add an arm such as student-adamw")
+        reference = finished[0]
         ratio = flops_per_token(reference, "matta") / flops_per_token(reference, "student")
-        steps = run_results(reference)["step"]
-        return max(1, math.ceil(steps * ratio))
+        return max(1, math.ceil(run_results(reference)["step"] * ratio))
 
 
 # ----------------------------------------------------------------------------------------

@@ -474,7 +474,8 @@ def plot(data: StudyData) -> Path:
         ax.set_ylabel(f"validation {'loss' if data.task == 'lm' else 'AucLoss'} (mean ± std over seeds)")
         ax.set_title(f"{opt}{' (--quick: plumbing only)' if data.quick else ''}")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
     fig.tight_layout()
     path = data.out / "study.png"
     tmp = path.with_name(".study.tmp.png")

@@ -67,6 +67,18 @@ def test_quick_study_runs_resumes_and_reports(tmp_path, capsys):
     assert main([*QUICK, "--out", str(out), "--steps", "5"]) == 2
     assert "other settings" in capsys.readouterr().err
 
+    # The compute-matched Student and the Teacher arms (a finished MatTA run is the Teacher).
+    other = tmp_path / "teacher_study"
+    arms = "student-flops-adamw,teacher-student-adamw,teacher-matta-adamw"
+    assert main(["study", "--quick", "--seeds", "1", "--arms", arms, "--teacher", str(matta_run), "--jobs", "2",
+                 "--out", str(other)]) == 0
+    data = load_study(other)
+    assert set(data.runs) == set(arms.split(","))
+    assert data.runs["student-flops-adamw"][0].steps > data.runs["teacher-student-adamw"][0].steps == 4
+    assert "Teacher-TA-Student beats Teacher-Student" not in (other / "RESULTS.md").read_text()  # --quick claims nothing
+    config = json.loads((data.runs["teacher-matta-adamw"][0].run_dir / "config.json").read_text())
+    assert config["teacher"] == str(matta_run) and config["mode"] == "matta"
+
 
 @pytest.mark.parametrize("argv, message", [
     (["--arms", "student-sgd"], "unknown arm"),
