@@ -2,8 +2,8 @@
 
 A study is a set of ordinary `matta train` runs (one per arm and seed), run side by side as
 subprocesses through the command line, so each is a run directory that `matta eval` and
-`matta extract` accept, and the study depends on the trainer only through its flags and its
-results.json. Then `matta.study_report` turns the runs into DIR/RESULTS.md and DIR/study.png.
+`matta extract` accept, and the study depends on the trainer only through its flags, its
+results.json and (for FLOP counts) `load_run` and the trainer's FLOP count. Then `matta.study_report` turns the runs into DIR/RESULTS.md and DIR/study.png.
 
 Layout of DIR:
     study.json                the settings (checked on resume), chosen learning rates, sweep
@@ -134,6 +134,10 @@ class StudyPreset:
     data: str
     lr_grid: dict = field(default_factory=dict)  # optimizer -> learning rates of the sweep
     note: str = ""
+    # --task classify: the model and batch flags, and the steps, for the synthetic relevance
+    # task of matta.classification (None: the preset has no classification setting).
+    classify_flags: tuple[str, ...] | None = None
+    classify_steps: int = 0
 
 
 def _train_flags(model, ffn_ta, extra_layers, block, batch, eval_tokens, checkpoint_every, *more) -> tuple[str, ...]:
@@ -153,6 +157,12 @@ PRESETS = {
         steps=1000, data="stdlib", lr_grid=_grid(1e-3, 3e-3, 1e-2),
         note="GPT-2 tiny (4 layers, d 128, FFN 512) nested in a TA with FFN 1024 and 2 TA-only layers; "
              "sized for a 2-core CPU.",
+        # A 2-layer GAU classifier, d 32, expansion 16 (TA 64): measured at 750 steps of 64 examples,
+        # the TA alone beat the Student alone by 0.008 AucLoss on each of two seeds.
+        classify_flags=("--model", "gau-tiny", "--n-layer", "2", "--n-embd", "32", "--ffn", "16", "--ffn-ta", "64",
+                        "--batch-size", "64", "--checkpoint-interval", "250", "--eval-interval", "0",
+                        "--log-interval", "10", "--keep-checkpoints", "1", "--no-progress"),
+        classify_steps=750,
     ),
     "small": StudyPreset(
         "small", _train_flags("gpt2-mini", 2048, 2, 256, 32, 262144, 250, "--max-preconditioner-dim", "512"),
@@ -201,11 +211,12 @@ class StudySettings:
 
     def base_flags(self) -> tuple[str, ...]:
         preset = PRESETS[self.preset]
+        common = ("--device", self.device, "--threads", str(self.threads))
+        if self.task == "classify":  # the synthetic relevance task of matta.classification: no --data
+            return (*preset.classify_flags, "--task", "classify", *common)
         flags = QUICK_FLAGS if self.quick else preset.train_flags
         data_flags = QUICK_DATA_FLAGS if self.quick and self.data == QUICK_DATA else ()
-        task_flags = () if self.task == "lm" else ("--task", self.task)
-        return (*flags, *data_flags, *task_flags, "--data", self.data, "--device", self.device,
-                "--threads", str(self.threads))
+        return (*flags, *data_flags, "--data", self.data, *common)
 
     def lr_grid(self, optimizer: str) -> tuple[float, ...]:
         if optimizer in self.lrs:
@@ -586,8 +597,14 @@ def run_from_args(args, log=print) -> int:
     if args.task not in TASKS:
         raise StudyError(f"--task must be one of {', '.join(TASKS)}, got {args.task!r}")
     preset = PRESETS[args.preset]
-    steps = args.steps if args.steps is not None or args.tokens is not None else (QUICK_STEPS if args.quick else preset.steps)
-    data = args.data or (QUICK_DATA if args.quick else preset.data)
+    classify = args.task == "classify"
+    if classify and preset.classify_flags is None:
+        raise StudyError(f"preset {args.preset} has no classification setting; use --preset tiny with --task classify")
+    if classify and args.data:
+        raise StudyError("--task classify trains on the synthetic relevance task; drop --data")
+    default_steps = QUICK_STEPS if args.quick else (preset.classify_steps if classify else preset.steps)
+    steps = args.steps if args.steps is not None or args.tokens is not None else default_steps
+    data = "relevance (synthetic)" if classify else args.data or (QUICK_DATA if args.quick else preset.data)
     settings = StudySettings(args.preset, args.seeds, steps, args.tokens, data, args.task, bool(args.quick),
                              str(Path(args.teacher).resolve()) if args.teacher else None, parse_lrs(args.lr),
                              args.device, args.threads)
@@ -599,7 +616,8 @@ def run_from_args(args, log=print) -> int:
     study.check_directory()
     log(f"matta study: preset {settings.preset}, {settings.seeds} seed(s), arms {', '.join(a.name for a in arms)}, "
         f"{args.jobs} job(s) side by side -> {out}")
-    study.data_provenance = warm_data_cache(settings)
+    if not classify:
+        study.data_provenance = warm_data_cache(settings)
     ok = study.run()
     from .study_report import write_report
 

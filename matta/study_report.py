@@ -211,7 +211,7 @@ def family_specs(data: StudyData, arm: str) -> list[tuple[str, int, str]]:
 # (arm a, model of a, arm b, model of b, claim that a is lower than b, source); {o}: the optimizer
 PAIRED_CLAIMS = (
     ("matta-{o}", "ta", "ta-{o}", "ta",
-     "the MatTA TA ({o}) is no worse than the TA trained alone (size-matched; not in the paper)", "this project"),
+     "the MatTA TA ({o}) beats the TA trained alone (size-matched; not in the paper)", "this project"),
     ("matta-unshared-{o}", "student", "matta-{o}", "student",
      "an unshared Student ({o}) is better than the shared one (sharing costs a little)", "Table 4"),
     ("matta-unshared-{o}", "ta", "matta-{o}", "ta", "an unshared TA ({o}) is better than the shared one", "Table 4"),
