@@ -345,7 +345,9 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         if debug:
             raise
-        print(f"{prog}: interrupted; continue a training run with `matta train --out RUN_DIR --resume`", file=sys.stderr)
+        hint = ("rerun the same `matta study` command to resume it" if command == "study"
+                else "continue a training run with `matta train --out RUN_DIR --resume`")
+        print(f"{prog}: interrupted; {hint}", file=sys.stderr)
         return 130
 
 

@@ -257,6 +257,20 @@ class Job:
     def wall_file(self) -> Path:
         return self.run_dir.with_name(self.run_dir.name + ".wall.json")
 
+    @property
+    def pid_file(self) -> Path:
+        """Holds the process id of the `matta train` working on this run, while it works."""
+        return self.run_dir.with_name(self.run_dir.name + ".pid")
+
+    def running_elsewhere(self) -> int | None:
+        """The id of a live process still training this run (left by a study that was killed)."""
+        try:
+            pid = int(self.pid_file.read_text())
+            os.kill(pid, 0)
+        except (OSError, ValueError):
+            return None
+        return pid
+
     def finished(self) -> bool:
         return (self.run_dir / "results.json").is_file()
 
@@ -315,19 +329,34 @@ class Runner:
         self._procs: set[subprocess.Popen] = set()
         self._lock = threading.Lock()
         self.failed: list[Job] = []
+        self.stopping = False
 
     def run_all(self, jobs: list[Job]) -> None:
         todo = [j for j in jobs if not j.finished()]
         for j in jobs:
             if j.finished():
                 self.log(f"matta study: {j.name}: finished before, kept ({j.run_dir})")
+        for j in todo:
+            pid = j.running_elsewhere()
+            if pid is not None:
+                raise StudyError(f"{j.run_dir} is still being trained by process {pid} (left by a study that was "
+                                 "killed); wait for it to end or end it, then rerun the study")
         if not todo:
             return
-        with ThreadPoolExecutor(max_workers=self.jobs) as pool:
+        pool = ThreadPoolExecutor(max_workers=self.jobs)
+        try:
             for _ in pool.map(self._run, todo):
                 pass
+        except BaseException:  # Ctrl-C or SIGTERM: start nothing more, end what runs
+            self.stopping = True
+            self.terminate()
+            raise
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
 
     def _run(self, job: Job) -> None:
+        if self.stopping:
+            return
         job.run_dir.parent.mkdir(parents=True, exist_ok=True)
         cmd = job.command()
         self.log(f"matta study: {job.name}: {'resuming' if '--resume' in cmd else 'starting'} -> {job.run_dir}")
@@ -337,6 +366,7 @@ class Runner:
             log.write(f"$ {' '.join(cmd)}\n")
             log.flush()
             proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+            job.pid_file.write_text(str(proc.pid))
             with self._lock:
                 self._procs.add(proc)
             try:
@@ -344,9 +374,12 @@ class Runner:
             finally:
                 with self._lock:
                     self._procs.discard(proc)
+                job.pid_file.unlink(missing_ok=True)
         seconds = time.perf_counter() - start
         add_wall_time(job.wall_file, seconds, rc)
-        if rc != 0 or not job.finished():
+        if self.stopping:
+            self.log(f"matta study: {job.name}: stopped; a rerun continues it")
+        elif rc != 0 or not job.finished():
             self.failed.append(job)
             self.log(f"matta study: {job.name}: FAILED (exit code {rc}); see {job.log}")
         else:
@@ -365,6 +398,10 @@ class Runner:
                 proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 def add_wall_time(path: Path, seconds: float, rc: int) -> None:
@@ -479,13 +516,15 @@ class Study:
         self.check_directory()
         self.save_state()
         runner = Runner(self.jobs, self.log)
+        # A `kill` (SIGTERM) ends the runs in flight as Ctrl-C does; a rerun resumes them.
+        in_main_thread = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGTERM, _raise_interrupt) if in_main_thread else None
         try:
             self._sweep(runner)
             self._arms(runner)
-        except KeyboardInterrupt:
-            runner.terminate()
-            raise
         finally:
+            if in_main_thread:
+                signal.signal(signal.SIGTERM, previous)
             self.failed = [j.run_dir for j in runner.failed]
             self.save_state()
         return not self.failed
