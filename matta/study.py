@@ -153,7 +153,7 @@ def _grid(*rates) -> dict:
 
 PRESETS = {
     "tiny": StudyPreset(
-        "tiny", _train_flags("gpt2-tiny", 1024, 2, 128, 16, 131072, 200, "--max-preconditioner-dim", "256"),
+        "tiny", _train_flags("gpt2-tiny", 1024, 2, 128, 16, 65536, 200, "--max-preconditioner-dim", "256"),
         steps=1000, data="stdlib", lr_grid=_grid(1e-3, 3e-3, 1e-2),
         note="GPT-2 tiny (4 layers, d 128, FFN 512) nested in a TA with FFN 1024 and 2 TA-only layers; "
              "sized for a 2-core CPU.",
