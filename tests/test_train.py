@@ -8,10 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from matta.data import load_data
-from matta.train import modeling
-from matta.train.config import make_config
-from matta.train.schedule import distill_ramp, learning_rate
-from matta.train.trainer import Run, load_run
+from matta.runs import load_run
+from matta.train import Run, learning_rate, make_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -51,15 +49,6 @@ def test_learning_rate_schedule():
     assert learning_rate(20, **kw) == pytest.approx(0.1) and learning_rate(99, **kw) == pytest.approx(0.1)
     decay = [learning_rate(s, **kw) for s in range(4, 21)]
     assert decay == sorted(decay, reverse=True)
-
-
-def test_distillation_ramp():
-    assert distill_ramp(None, start=5, steps=10) == 1.0
-    assert distill_ramp(4, start=5, steps=10) == 0.0
-    assert distill_ramp(10, start=5, steps=10) == pytest.approx(0.5)
-    assert distill_ramp(15, start=5, steps=10) == 1.0 and distill_ramp(99, start=5, steps=10) == 1.0
-    assert distill_ramp(10, start=5, steps=10, shape="sigmoid") == pytest.approx(math.exp(-5 * 0.25))
-    assert distill_ramp(5, start=5, steps=0) == 1.0
 
 
 @pytest.mark.parametrize("mode", ["matta", "student", "ta"])
@@ -147,8 +136,7 @@ def test_teacher_soft_labels_replace_the_targets(tmp_path, corpus):
     run = Run(cfg)
     run.setup()
     x, y = run.data.train.batch(0, 4)
-    out = modeling.matta_loss(run.model, run.model, x, y, weights=(1.0, 1.0, 1.0), ramp=1.0, temperature=1.0,
-                              mode="matta", teacher=run.teacher)
+    out = run.objective(x, y, None, teacher=run.teacher)  # step None: the distillation term fully ramped
     # float64 oracle: the Teacher is the teacher run's TA; its softmax is the label of L_S and L_TA
     _, teacher_model, _ = load_run(tmp_path / "teacher")
     with torch.no_grad():
