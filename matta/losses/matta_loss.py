@@ -133,16 +133,17 @@ class MatTALoss(nn.Module):
         if not isinstance(weight, Tensor) or weight.dim() != 2 or h.shape[-1] > weight.shape[1]:
             raise ValueError(f"weight must be (V, d) with d >= the hidden width {h.shape[-1]}, got "
                              f"{tuple(getattr(weight, 'shape', ()))}")
-        logits = F.linear(h, weight[:, : h.shape[-1]], bias).float()
-        logits = logits.reshape(-1, logits.shape[-1])
+        logits = F.linear(h, weight[:, : h.shape[-1]], bias)
+        math_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32  # as the fused op's
+        logits = logits.reshape(-1, logits.shape[-1]).to(math_dtype)
         if teacher is not None:
-            labels, keep = _teacher_probabilities(teacher, logits.shape[0]), None
+            labels, keep = _teacher_probabilities(teacher, logits.shape[0]).to(math_dtype), None
             if target is not None:
                 keep = target.reshape(-1) != self.ignore_index
         elif target is None:
             raise ValueError("target is required unless a teacher supplies the soft labels")
         elif target.is_floating_point():
-            labels, keep = target.reshape(-1, logits.shape[-1]).float(), None
+            labels, keep = target.reshape(-1, logits.shape[-1]).to(math_dtype), None
         else:
             labels, keep = target.reshape(-1), target.reshape(-1) != self.ignore_index
         if labels.dim() == 1:
@@ -163,11 +164,11 @@ class MatTALoss(nn.Module):
 
 
 def _teacher_probabilities(teacher, n_tokens: int) -> Tensor:
-    """softmax of the teacher's logits for all `n_tokens` flattened tokens, in fp32, no gradient."""
+    """softmax of the teacher's logits for all `n_tokens` flattened tokens (fp32 at least), no gradient."""
     with torch.no_grad():
         if callable(teacher):
             logits = teacher(0, n_tokens)
         else:
             hidden, head, *bias = teacher
             logits = F.linear(hidden.reshape(n_tokens, -1), head, *bias)
-        return torch.softmax(logits.float(), -1)
+        return torch.softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), -1)

@@ -10,8 +10,10 @@ and FLOP counts, and the optimizer's parameter groups.
 
 A subclass builds the modules in `__init__` (setting `config`, `nest`, `ta_config`, `wte`,
 `drop`, `blocks`, `ta_only_layers`, `student_layers`), and provides `embed`, `final_norm`
-and `stream_shape`. Each block has `forward(x_s, x_ta)`, `forward_student(x_s)`,
-`forward_ta(x_ta)` (taking the same keyword arguments) and a bool `ta_only`.
+and `stream_shape`. Each block has a bool `ta_only` and `forward(x_s, x_ta, **kwargs) ->
+(y_s, y_ta)`, in which either input may be None (that stream is not computed and its
+output is None). Every stream goes through the block's `forward`, so module hooks (FSDP's
+gathering of sharded weights among them) see every use.
 """
 from __future__ import annotations
 
@@ -103,15 +105,10 @@ class NestedLM(nn.Module):
         x_s = self.drop(x if d_s == self.ta_width else x[..., :d_s]) if run_s else None
         x_ta = self.drop(x) if run_ta else None
         for block in self.blocks:
-            if block.ta_only:
-                if run_ta:
-                    x_ta = block.forward_ta(x_ta, **block_kwargs)
-            elif run_s and run_ta:
+            if not block.ta_only:
                 x_s, x_ta = block(x_s, x_ta, **block_kwargs)
-            elif run_s:
-                x_s = block.forward_student(x_s, **block_kwargs)
-            else:
-                x_ta = block.forward_ta(x_ta, **block_kwargs)
+            elif run_ta:
+                _, x_ta = block(None, x_ta, **block_kwargs)
         norm = self.final_norm
         return (norm.forward_student(x_s) if run_s else None, norm.forward_ta(x_ta) if run_ta else None)
 

@@ -195,7 +195,8 @@ def gau_init_(module: nn.Module):
 
 
 class NestedGAULayer(nn.Module):
-    """A GAU layer run by both streams (or by the TA alone when `ta_only`)."""
+    """A GAU layer run by both streams (or by the TA alone when `ta_only`, or by one stream
+    in a run that trains one model)."""
 
     def __init__(self, config: GAUConfig, d_ta, expansion_ta, ta_only):
         super().__init__()
@@ -227,6 +228,11 @@ class NestedGAULayer(nn.Module):
         return x_ta + self.drop(self.o.forward_ta(h))
 
     def forward(self, x_s, x_ta, key_mask=None):
+        """(y_s, y_ta); a stream whose input is None is not computed (its output is None)."""
+        if x_s is None:
+            return None, self.forward_ta(x_ta, key_mask)
+        if x_ta is None:
+            return self.forward_student(x_s, key_mask), None
         y_s, y_ta = self.uvz(*self.norm(x_s, x_ta))
         h_s = self._mix(*F.silu(y_s).split([self.e_s, self.e_s, self.attn_dim], dim=-1), key_mask)
         h_ta = self._mix(*self._ta_uvz(F.silu(y_ta)), key_mask)

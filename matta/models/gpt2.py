@@ -233,7 +233,8 @@ class NestedMLP(nn.Module):
 
 
 class NestedBlock(nn.Module):
-    """A transformer block run by both streams, or by the TA alone when `ta_only`."""
+    """A transformer block run by both streams, or by the TA alone when `ta_only`, or (in a
+    run that trains one model) by one stream."""
 
     def __init__(self, config: GPT2Config, d_ta, n_head_ta, ffn_ta, ta_only):
         super().__init__()
@@ -254,6 +255,11 @@ class NestedBlock(nn.Module):
         return x_ta + self.drop(self.mlp.forward_ta(self.ln_2.forward_ta(x_ta)))
 
     def forward(self, x_s, x_ta):
+        """(y_s, y_ta); a stream whose input is None is not computed (its output is None)."""
+        if x_s is None:
+            return None, self.forward_ta(x_ta)
+        if x_ta is None:
+            return self.forward_student(x_s), None
         a_s, a_ta = self.attn(*self.ln_1(x_s, x_ta))
         x_s, x_ta = x_s + self.drop(a_s), x_ta + self.drop(a_ta)
         m_s, m_ta = self.mlp(*self.ln_2(x_s, x_ta))

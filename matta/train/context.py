@@ -69,6 +69,14 @@ class Context:
         dist.all_reduce(values)
         return values / self.world
 
+    def gather(self, obj) -> list:
+        """`obj` of every rank, in rank order (a collective: every rank calls it)."""
+        if self.world == 1:
+            return [obj]
+        out = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
     def close(self):
         if self.owns_group and dist.is_initialized():
             dist.destroy_process_group()

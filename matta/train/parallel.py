@@ -86,6 +86,20 @@ def full_state(engine: nn.Module, objective: LMObjective, optimizer) -> tuple[di
     return model_state, get_optimizer_state_dict(objective, optimizer, options=_FULL)
 
 
+def whole_model(engine: nn.Module, objective: LMObjective, build, device) -> nn.Module | None:
+    """The model with whole weights, for evaluation on rank 0: itself, or under FSDP a copy
+    `build()` makes and fills from the gathered shards (a collective; None on other ranks)."""
+    if not isinstance(engine, FSDPModule):
+        return objective.model
+    state = get_model_state_dict(objective.model, options=_FULL)
+    if not state:
+        return None
+    with torch.device("meta"):  # no initialisation: it would draw from rank 0's random stream only
+        model = build()
+    model.to_empty(device=device).load_state_dict(state)
+    return model
+
+
 def load_model_state(engine: nn.Module, objective: LMObjective, state: dict) -> None:
     """Inverse of `full_state`'s model half: every rank passes the checkpoint's full tensors."""
     if isinstance(engine, FSDPModule):

@@ -172,8 +172,9 @@ class Run:
             bin_dtype=cfg.bin_dtype,
         )
         check_memory(cfg, self.data.vocab_size, ctx)
-        torch.manual_seed(cfg.seed)
+        torch.manual_seed(cfg.seed)  # the same initial weights on every rank
         self.model = runs.build_model(cfg, self.data.vocab_size).to(ctx.device)
+        torch.manual_seed(cfg.seed + 1 + ctx.rank)  # but each rank its own dropout masks
         criterion = criterion_for(cfg.mode, cfg.loss_weights, rampup_steps=cfg.rampup_steps,
                                   rampup_start=cfg.rampup_start, rampup=cfg.rampup, temperature=cfg.temperature)
         if "ta" not in criterion.streams:  # nothing reaches the TA-only layers: no gradient to wait for
@@ -222,7 +223,11 @@ class Run:
                 "resume with the run's own --optimizer"
             ) from None
         self.step = ckpt["step"]
-        _set_rng_state(ckpt["state"]["rng"], self.ctx.device)
+        states = ckpt["state"]["rng"]  # one per rank of the run that wrote it
+        if len(states) != self.ctx.world:
+            warnings.warn(f"{path} was written by {len(states)} process(es), this run has {self.ctx.world}: "
+                          "it continues, but not bit-identical to an uninterrupted run", stacklevel=2)
+        _set_rng_state(states[self.ctx.rank % len(states)], self.ctx.device)
         if self.ctx.master:  # drop records written after the checkpoint by the interrupted run
             metrics = self.run_dir / "metrics.jsonl"
             kept = []
@@ -285,19 +290,27 @@ class Run:
             with open(self.run_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(rec) + "\n")
 
-    def evaluate_nested(self) -> tuple[float, float]:
+    def whole_model(self):
+        """The nested model with whole weights on rank 0 (None elsewhere); a collective under FSDP."""
+        model = parallel.whole_model(self.engine, self.objective, lambda: runs.build_model(self.cfg, self.data.vocab_size),
+                                     self.ctx.device)
+        return model if self.ctx.master else None
+
+    def evaluate_nested(self, model) -> tuple[float, float]:
         batch = max(1, min(self.cfg.batch_size, 64))
         ls, lt = validation_loss(
-            self.model, self.val, batch_size=batch, device=self.ctx.device,
+            model, self.val, batch_size=batch, device=self.ctx.device,
             output="all", autocast_dtype=self.ctx.amp_dtype,
         )
         return ls, lt
 
     def save(self):
-        """Writes a checkpoint (a collective under FSDP: every rank calls it)."""
+        """Writes a checkpoint: the whole model and optimizer state, the step (which fixes the
+        data position and the schedules) and every rank's random state. Every rank calls it."""
         model_state, optimizer_state = parallel.full_state(self.engine, self.objective, self.optimizer)
+        rng = self.ctx.gather(_rng_state(self.ctx.device))
         if self.ctx.master:
-            save_checkpoint(self.run_dir, self.step, model_state, optimizer_state, {"rng": _rng_state(self.ctx.device)},
+            save_checkpoint(self.run_dir, self.step, model_state, optimizer_state, {"rng": rng},
                             keep=max(1, self.cfg.keep_checkpoints))
 
     def train(self) -> dict:
@@ -335,8 +348,9 @@ class Run:
                                    "mfu": mfu})
                     self._record(values)
                     progress.show(values)
-                if eval_now and ctx.master:
-                    ls, lt = self.evaluate_nested()
+                model = self.whole_model() if eval_now else None
+                if model is not None:
+                    ls, lt = self.evaluate_nested(model)
                     self._record({"kind": "eval", "step": self.step, "val_student": ls, "val_ta": lt})
                     progress.write(f"step {self.step}: val loss Student {ls:.4f}, TA {lt:.4f}")
                 if save_now:
@@ -353,11 +367,12 @@ class Run:
 
     def final_evaluation(self) -> dict:
         cfg, ctx = self.cfg, self.ctx
-        if not ctx.master:
+        nested = self.whole_model()
+        if nested is None:
             return {}
         rows = []
         batch = max(1, min(cfg.batch_size, 64))
-        for name, spec, model in extracted_models(self.model, family=cfg.family):
+        for name, spec, model in extracted_models(nested, family=cfg.family):
             model.to(ctx.device)
             loss = validation_loss(model, self.val, batch_size=batch, device=ctx.device, autocast_dtype=ctx.amp_dtype)
             rows.append({"name": name, "spec": spec, "params": model.num_parameters(non_embedding=True),
