@@ -72,20 +72,21 @@ def _weights(run_dir):
 
 
 @pytest.mark.parametrize(
-    "optimizer, parallel, single",
+    "optimizer, parallel, single, each",
     [
-        ("adamw", "ddp", ["--batch-size", "4"]),
+        # each rank accumulates two micro-batches of one sequence: no_sync, then one all-reduce
+        ("adamw", "ddp", ["--batch-size", "4"], ["--batch-size", "1", "--grad-accum", "2"]),
         # Shampoo's inverse roots of nearly singular factors amplify rounding: there the one
         # process sums its gradient in the same two halves (accumulation) as the two ranks do.
-        ("shampoo", "ddp", ["--batch-size", "2", "--grad-accum", "2"]),
-        ("adamw", "fsdp", ["--batch-size", "4"]),
+        ("shampoo", "ddp", ["--batch-size", "2", "--grad-accum", "2"], ["--batch-size", "2"]),
+        ("adamw", "fsdp", ["--batch-size", "4"], ["--batch-size", "1", "--grad-accum", "2"]),
     ],
 )
-def test_two_processes_equal_one(tmp_path, corpus, optimizer, parallel, single):
+def test_two_processes_equal_one(tmp_path, corpus, optimizer, parallel, single, each):
     common = ["--data", str(corpus), *TINY, "--max-steps", "4", "--optimizer", optimizer,
               "--precondition-frequency", "2", "--start-preconditioning-step", "2"]
     _train(["--out", str(tmp_path / "one"), *single, *common], 1, tmp_path)
-    two = _train(["--out", str(tmp_path / "two"), "--batch-size", "2", "--parallel", parallel, *common], 2, tmp_path)
+    two = _train(["--out", str(tmp_path / "two"), *each, "--parallel", parallel, *common], 2, tmp_path)
     assert f"2 process(es) ({parallel})" in two.stdout and two.stdout.count("validation (") == 1  # only rank 0 reports
 
     one, dist = _records(tmp_path / "one"), _records(tmp_path / "two")
