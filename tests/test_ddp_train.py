@@ -42,9 +42,16 @@ def _env():
 
 
 def _train(args, nproc, cwd):
-    out = subprocess.run(_command(args, nproc), capture_output=True, text=True, env=_env(), cwd=cwd, timeout=600)
-    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
-    return out
+    job = subprocess.Popen(_command(args, nproc), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           env=_env(), cwd=cwd)
+    try:
+        stdout, stderr = job.communicate(timeout=1800)
+    except subprocess.TimeoutExpired:
+        _kill_tree(job.pid)  # no rank may outlive the test
+        stdout, stderr = job.communicate()
+        pytest.fail(f"training did not end in 30 minutes:\n{stdout[-2000:]}\n{stderr[-4000:]}")
+    assert job.returncode == 0, stdout[-2000:] + stderr[-4000:]
+    return subprocess.CompletedProcess(job.args, job.returncode, stdout, stderr)
 
 
 def _records(run_dir):
@@ -65,6 +72,38 @@ def _last_step(run_dir) -> int:
         except json.JSONDecodeError:
             pass
     return max(steps)
+
+
+def _kill_tree(pid: int) -> None:
+    """SIGKILL a process and all its descendants (torchrun starts its workers in their own
+    sessions, so killing its process group would leave them running)."""
+    children: dict = {}
+    for stat in os.scandir("/proc"):
+        if stat.name.isdigit():
+            try:
+                with open(f"/proc/{stat.name}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(stat.name))
+    tree, todo = [], [pid]
+    while todo:
+        tree.append(todo.pop())
+        todo += children.get(tree[-1], [])
+    for p in tree:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    for p in tree[1:]:  # wait until the workers are gone (or zombies)
+        while os.path.exists(f"/proc/{p}"):
+            try:
+                with open(f"/proc/{p}/stat") as f:
+                    if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                        break
+            except OSError:
+                break
+            time.sleep(0.01)
 
 
 def _weights(run_dir):
@@ -113,17 +152,21 @@ def test_killed_two_process_run_resumes_exactly(tmp_path, corpus, parallel, opti
 
     broken = tmp_path / "broken"
     job = subprocess.Popen(_command(["--out", str(broken), *args], 2), cwd=tmp_path, env=_env(),
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 600
+        deadline = time.monotonic() + 1200
         while time.monotonic() < deadline and job.poll() is None and _last_step(broken) < 6:
             time.sleep(0.02)
     finally:
-        os.killpg(job.pid, signal.SIGKILL)  # torchrun and both ranks, with no chance to clean up
+        _kill_tree(job.pid)  # torchrun and both ranks, with no chance to clean up
         job.wait()
-    assert 6 <= _last_step(broken) < 24, "the run ended before it could be killed"
+    killed_at = _last_step(broken)
+    time.sleep(1)
+    assert _last_step(broken) == killed_at, "a rank survived the kill"
+    checkpoint = int((broken / "checkpoints" / "latest").read_text().strip().removeprefix("step_"))
+    assert 6 <= killed_at < 24 and checkpoint < killed_at, "the run ended before it could be killed"
     resumed = _train(["--out", str(broken), *args, "--resume"], 2, tmp_path)
-    assert "resumed from" in resumed.stdout
+    assert f"resumed from {broken / 'checkpoints' / f'step_{checkpoint:07d}'} at step {checkpoint}" in resumed.stdout
 
     a, b = _records(tmp_path / "straight"), _records(broken)
     assert [r["step"] for r in b] == list(range(1, 25))

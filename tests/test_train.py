@@ -240,6 +240,18 @@ def test_a_nan_loss_stops_the_run_at_the_next_read(tmp_path, corpus, mode):
         run.read_record(rec)
 
 
+def test_each_step_reads_its_own_batch(tmp_path, corpus):
+    """Step k trains on the k-th global batch, whether it was fetched ahead or not."""
+    run = Run(tiny(tmp_path, corpus, batch_size=2, grad_accum=2, max_steps=4))
+    run.setup()
+    for step in range(3):
+        with torch.no_grad():
+            expected = [run.objective(*run.data.train.batch(step, 2, part, 2), step).loss for part in (0, 1)]
+        rec = run.read_record(run.train_step())
+        assert rec["step"] == step + 1
+        assert rec["loss"] == pytest.approx(sum(e.item() for e in expected) / 2, rel=1e-6)
+
+
 def test_student_run_trains_only_the_student_stream(tmp_path, corpus):
     run = Run(tiny(tmp_path, corpus, mode="student", max_steps=2, family=False))
     run.setup()
