@@ -78,7 +78,14 @@ class Context:
         return out
 
     def close(self):
+        """Leaves the process group (every rank calls it, after its last collective).
+
+        The barrier first lets gloo's worker threads finish with every earlier operation:
+        destroying the group while one still releases a Python-owned tensor deadlocks (the
+        destructor joins the thread while holding the GIL that thread waits for; seen with
+        torch 2.13 at the end of a compiled DDP run)."""
         if self.owns_group and dist.is_initialized():
+            dist.barrier()
             dist.destroy_process_group()
 
 

@@ -80,7 +80,7 @@ def check_memory(cfg: TrainConfig, vocab_size: int, ctx: Context) -> None:
         )
 
 
-def build_optimizer(cfg: TrainConfig, model, ctx: Context):
+def build_optimizer(cfg: TrainConfig, model):
     groups = model.optimizer_groups(cfg.weight_decay)
     if cfg.optimizer == "adamw":
         # The fused kernel keeps its step counts on the device: no host read per step.
@@ -184,7 +184,7 @@ class Run:
         self.engine = parallel.wrap(self.objective, ctx, cfg)
         if cfg.compile:
             self.model.compile()
-        self.optimizer = build_optimizer(cfg, self.model, ctx)
+        self.optimizer = build_optimizer(cfg, self.model)
         self.teacher = runs.load_teacher(cfg.teacher, self.data.vocab_size, ctx.device) if cfg.teacher else None
         self.max_steps = total_steps(cfg, ctx.world)
         self.step = 0
@@ -359,17 +359,16 @@ class Run:
                     t_last, steps_since = time.perf_counter(), 0
         finally:
             progress.close()
-        results = self.final_evaluation()
+        nested = self.whole_model()  # a collective under FSDP, so before the group closes
+        self.engine = self.objective  # drop DDP's hold on the process group before it closes
         self.ctx.close()
-        return results
+        return self.final_evaluation(nested) if nested is not None else {}
 
     # -- the end ---------------------------------------------------------------------------------
 
-    def final_evaluation(self) -> dict:
+    def final_evaluation(self, nested) -> dict:
+        """Rank 0: the Student, the TA and the family cut out of `nested`, on the validation set."""
         cfg, ctx = self.cfg, self.ctx
-        nested = self.whole_model()
-        if nested is None:
-            return {}
         rows = []
         batch = max(1, min(cfg.batch_size, 64))
         for name, spec, model in extracted_models(nested, family=cfg.family):
