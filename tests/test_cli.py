@@ -136,7 +136,7 @@ def test_resume_continues_a_finished_run(trained, tmp_path, capsys):
         (["train", "--loss-weights", "1,2"], "three numbers"),
         (["train", "--parallel", "fsdp", "--optimizer", "shampoo"], "--parallel fsdp works with --optimizer adamw only"),
         (["train", "--parallel", "zero3"], "invalid choice"),
-        (["train", "--threads", "0"], "--threads must be at least 1"),
+        (["train", "--threads", "-1"], "--threads must be >= 0"),
         ([], "required"),
         (["extract", "--spec", "student"], "required"),
     ],

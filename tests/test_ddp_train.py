@@ -8,26 +8,17 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import pytest
 import torch
 
 from matta.train.checkpoint import latest_checkpoint, load_checkpoint
+from test_train import corpus  # noqa: F401  (the fixture)
 
 pytestmark = pytest.mark.slow
 
-WORDS = ["the", "cat", "sat", "on", "a", "mat", "and", "dog", "ran", "far", "away", "home"]
 TINY = ["--tokenizer", "bytes", "--n-layer", "2", "--n-embd", "32", "--n-head", "2", "--ffn", "64", "--ffn-ta", "128",
         "--extra-layers", "1", "--block-size", "16", "--warmup-steps", "1", "--log-interval", "1", "--eval-interval", "0",
         "--eval-tokens", "128", "--no-progress", "--no-family", "--threads", "1"]
-
-
-@pytest.fixture
-def corpus(tmp_path):
-    rng = np.random.default_rng(0)
-    path = tmp_path / "corpus.txt"
-    path.write_text(" ".join(WORDS[i] for i in rng.integers(0, len(WORDS), 3000)))
-    return path
 
 
 def _command(args, nproc):

@@ -85,8 +85,8 @@ class TrainConfig:
     device: str = _opt("auto, cpu, cuda, cuda:N", default="auto")
     dtype: str = _opt("autocast precision (auto: bf16 on GPU, fp32 on CPU)", choices=DTYPES, default="auto")
     compile: bool = _opt("torch.compile the model's forward (the fused loss stays eager)", default=False)
-    threads: int | None = _opt("CPU threads per process (default: $OMP_NUM_THREADS, else 1); the number used "
-                               "is saved in config.json and --resume reuses it", default=None)
+    threads: int | None = _opt("CPU threads per process (default or 0: $OMP_NUM_THREADS, else 1); the number "
+                               "used is saved in config.json and --resume reuses it", default=None)
     parallel: str = _opt("with several processes (torchrun): ddp replicates the model, fsdp shards it (AdamW only)",
                          choices=PARALLEL, default="ddp")
     progress: bool = _opt("show a progress bar", default=True)
@@ -179,12 +179,11 @@ def validate(cfg: TrainConfig) -> None:
     for name in ("block_size", "batch_size", "grad_accum", "log_interval", "precondition_frequency", "max_preconditioner_dim"):
         value = getattr(cfg, name)
         need(value >= 1, f"--{name.replace('_', '-')} must be at least 1, got {value}")
-    for name in ("n_layer", "n_embd", "n_head", "ffn", "ffn_ta", "d_model_ta", "n_head_ta", "max_steps", "tokens", "vocab_size",
-                 "threads"):
+    for name in ("n_layer", "n_embd", "n_head", "ffn", "ffn_ta", "d_model_ta", "n_head_ta", "max_steps", "tokens", "vocab_size"):
         value = getattr(cfg, name)
         need(value is None or value >= 1, f"--{name.replace('_', '-')} must be at least 1, got {value}")
     for name in ("extra_layers", "warmup_steps", "rampup_start", "rampup_steps", "eval_interval", "eval_tokens",
-                 "checkpoint_interval", "keep_checkpoints", "start_preconditioning_step"):
+                 "checkpoint_interval", "keep_checkpoints", "start_preconditioning_step", "threads"):
         value = getattr(cfg, name)
         need(value is None or value >= 0, f"--{name.replace('_', '-')} must be >= 0, got {value}")
     for name, choices in (("mode", MODES), ("optimizer", OPTIMIZERS), ("dtype", DTYPES), ("rampup", RAMP_SCHEDULES),

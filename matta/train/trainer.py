@@ -223,7 +223,10 @@ class Run:
                 "resume with the run's own --optimizer"
             ) from None
         self.step = ckpt["step"]
-        states = ckpt["state"]["rng"]  # one per rank of the run that wrote it
+        states = ckpt["state"].get("rng")  # one per rank of the run that wrote it
+        if not isinstance(states, list):
+            raise CheckpointError(f"checkpoint {path} was written by an older matta and cannot be resumed exactly; "
+                                  "start a new run (--overwrite) or use the older matta to finish it")
         if len(states) != self.ctx.world:
             warnings.warn(f"{path} was written by {len(states)} process(es), this run has {self.ctx.world}: "
                           "it continues, but not bit-identical to an uninterrupted run", stacklevel=2)
