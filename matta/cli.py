@@ -224,11 +224,12 @@ def cmd_lm_eval(harness_args: list[str]) -> int:
     """lm-evaluation-harness's own command line, run with matta registered as `--model matta`."""
     try:
         from . import lm_eval_model  # noqa: F401  registers the model
-        from lm_eval.__main__ import cli_evaluate
     except ImportError as exc:
-        if exc.name is None or not exc.name.startswith("lm_eval"):
+        if exc.name != "lm_eval":
             raise
-        raise CLIError('matta lm-eval needs lm-evaluation-harness: pip install -e ".[eval]"') from None
+        raise CLIError(str(exc)) from None
+    from lm_eval.__main__ import cli_evaluate
+
     saved = sys.argv
     sys.argv = ["lm-eval", *harness_args]  # the harness reads its arguments from sys.argv
     try:

@@ -6,8 +6,8 @@ such logits (a nested model's `(logits_s, logits_ta)`: pick one with `output=`).
 - `LMScorer(model, tokenizer, block_size=...)` scores and generates text the way
   lm-evaluation-harness asks (`loglikelihood`, `loglikelihood_rolling`, `generate_until`);
   `load_scorer(path, stream)` builds one for a run directory or an extracted model folder.
-- `make_lm_eval_adapter(scorer)` wraps a scorer as the harness's `LM`; the harness also
-  knows matta by name (`model="matta"`, see matta/lm_eval_model.py).
+- lm-evaluation-harness: matta/lm_eval_model.py (the harness's model "matta", and
+  `make_lm_eval_adapter(scorer)` for a model in memory).
 - Task files for `matta eval` are local JSONL in their public formats:
   LAMBADA-style (`lambada:PATH`): `{"text": ...}` per line; the model must produce the
   last word (all of its tokens, greedily) from the text before it.
@@ -33,7 +33,7 @@ from .runs import load_run
 
 __all__ = [
     "LMScorer", "TaskError", "load_run", "load_scorer", "load_tokenizer", "tokenizer_from_json", "stream_model",
-    "make_lm_eval_adapter", "validation_loss", "perplexity", "lambada_accuracy", "multiple_choice_accuracy",
+    "generation_options", "validation_loss", "perplexity", "lambada_accuracy", "multiple_choice_accuracy",
     "parse_tasks", "read_jsonl",
 ]
 
@@ -445,23 +445,3 @@ def parse_tasks(spec: str) -> list[tuple[str, str | None]]:
     if not tasks:
         raise TaskError("no tasks given; use --tasks val,lambada:PATH,choice:PATH")
     return tasks
-
-
-def make_lm_eval_adapter(scorer: LMScorer):
-    """lm-evaluation-harness's `LM` for `scorer`: `lm_eval.simple_evaluate(model=make_lm_eval_adapter(scorer), ...)`.
-
-    Needs lm-evaluation-harness (`pip install -e ".[eval]"`). For a model on disk the harness
-    also takes matta by name: `model="matta", model_args="run=RUN_DIR,stream=student"`.
-    """
-    if not isinstance(scorer, LMScorer):
-        raise TypeError(
-            f"make_lm_eval_adapter needs an LMScorer, got {type(scorer).__name__}; wrap a model first: "
-            "make_lm_eval_adapter(LMScorer(model, tokenizer, block_size=...)) or load_scorer(RUN_DIR, 'student')"
-        )
-    try:
-        from .lm_eval_model import MattaLM
-    except ImportError as exc:
-        if exc.name is None or not exc.name.startswith("lm_eval"):
-            raise
-        raise ImportError('the lm-eval adapter needs lm-evaluation-harness: pip install -e ".[eval]" (or pip install lm-eval)') from None
-    return MattaLM(scorer=scorer)

@@ -1,12 +1,13 @@
-"""matta in lm-evaluation-harness: the harness's model `"matta"`.
+"""matta in lm-evaluation-harness: the harness's model `"matta"`, and an adapter.
 
 Importing this module registers `MattaLM` in the harness's model registry, so that
 
     lm_eval.simple_evaluate(model="matta", model_args="run=RUN_DIR,stream=student", tasks=[...])
 
-evaluates a model that `matta train` or `matta extract` wrote. The harness's `lm_eval`
-command (0.4.13) imports no package but its own, so `matta lm-eval ARGS` runs that command
-with this module imported first. matta's package metadata also declares the model under
+evaluates a model that `matta train` or `matta extract` wrote, and
+`model=make_lm_eval_adapter(scorer)` one in memory. The harness's `lm_eval` command (0.4.13)
+imports no package but its own, so `matta lm-eval ARGS` runs that command with this module
+imported first. matta's package metadata also declares the model under
 the `lm_eval.models` entry-point group, for harness versions that look plugins up there.
 
 Model arguments: `run` (a run directory, or a folder written by `matta extract`), `stream`
@@ -17,10 +18,15 @@ where there is none, as the harness's own models do) are honoured; chat template
 """
 import logging
 
-import lm_eval.models  # noqa: F401  the harness loads its own models only into an empty registry
 import torch
-from lm_eval.api.model import LM
-from lm_eval.api.registry import register_model
+
+try:
+    import lm_eval.models  # noqa: F401  the harness loads its own models only into an empty registry
+    from lm_eval.api.model import LM
+    from lm_eval.api.registry import register_model
+except ImportError as exc:
+    raise ImportError(f'matta.lm_eval_model needs lm-evaluation-harness ({exc}): pip install -e ".[eval]"',
+                      name="lm_eval") from None
 
 from .evaluation import LMScorer, TaskError, load_scorer
 
@@ -89,3 +95,13 @@ class MattaLM(LM):
     @property
     def tokenizer_name(self):
         raise TaskError(NO_CHAT)
+
+
+def make_lm_eval_adapter(scorer: LMScorer) -> MattaLM:
+    """The harness's `LM` for a scorer: `lm_eval.simple_evaluate(model=make_lm_eval_adapter(scorer), ...)`."""
+    if not isinstance(scorer, LMScorer):
+        raise TypeError(
+            f"make_lm_eval_adapter needs an LMScorer, got {type(scorer).__name__}; wrap a model first: "
+            "make_lm_eval_adapter(LMScorer(model, tokenizer, block_size=...)), or load_scorer(RUN_DIR, 'student')"
+        )
+    return MattaLM(scorer=scorer)

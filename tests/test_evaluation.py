@@ -21,7 +21,6 @@ from matta.evaluation import (
     load_run,
     load_scorer,
     load_tokenizer,
-    make_lm_eval_adapter,
     multiple_choice_accuracy,
     parse_tasks,
     perplexity,
@@ -454,9 +453,19 @@ def test_load_scorer_extracted_folders(run, tmp_path):
 # lm-evaluation-harness
 
 
-def test_adapter_checks_its_argument():
-    with pytest.raises(TypeError, match="needs an LMScorer, got Bigram"):
-        make_lm_eval_adapter(Bigram(make_table()))
+def test_without_the_harness_the_error_says_what_to_install(monkeypatch, capsys):
+    import sys
+
+    monkeypatch.delitem(sys.modules, "matta.lm_eval_model", raising=False)
+    monkeypatch.setitem(sys.modules, "lm_eval", None)  # as if not installed
+    with pytest.raises(ImportError, match=r'pip install -e "\.\[eval\]"'):
+        import matta.lm_eval_model  # noqa: F401
+    from matta.cli import main
+
+    capsys.readouterr()
+    assert main(["lm-eval", "--model", "matta", "--tasks", "demo"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("matta lm-eval: error: matta.lm_eval_model needs lm-evaluation-harness") and "\n" not in err
 
 
 @needs_lm_eval
@@ -466,8 +475,10 @@ def test_adapter_and_registered_model():
     from lm_eval.api.instance import Instance
     from lm_eval.api.registry import get_model
 
-    from matta.lm_eval_model import MattaLM
+    from matta.lm_eval_model import MattaLM, make_lm_eval_adapter
 
+    with pytest.raises(TypeError, match="needs an LMScorer, got Bigram"):
+        make_lm_eval_adapter(Bigram(make_table()))
     assert get_model("matta") is MattaLM
     assert get_model("dummy").__name__ == "DummyLM"  # the harness's own models stay reachable
     declared = [ep for ep in entry_points(group="lm_eval.models") if ep.name == "matta"]
