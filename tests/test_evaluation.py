@@ -456,7 +456,10 @@ def test_load_scorer_extracted_folders(run, tmp_path):
 def test_without_the_harness_the_error_says_what_to_install(monkeypatch, capsys):
     import sys
 
+    import matta
+
     monkeypatch.delitem(sys.modules, "matta.lm_eval_model", raising=False)
+    monkeypatch.delattr(matta, "lm_eval_model", raising=False)
     monkeypatch.setitem(sys.modules, "lm_eval", None)  # as if not installed
     with pytest.raises(ImportError, match=r'pip install -e "\.\[eval\]"'):
         import matta.lm_eval_model  # noqa: F401
