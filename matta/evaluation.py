@@ -105,9 +105,9 @@ class LMScorer:
     The model sees at most `block_size` tokens at once. A continuation longer than that is
     scored in windows, as the harness's rolling log-likelihood is: every token predicted
     once, each window holding as much of the preceding text as fits. Requests are scored in
-    batches of `batch_size` windows (`"auto"`: the largest of `max_batch_size`, halved on
-    out-of-memory, that scores a batch of full windows); generation runs one request at a
-    time. The scorer moves the model to `device` and puts it in eval mode.
+    batches of `batch_size` windows (`"auto"`: `max_batch_size`, halved until a batch of full
+    windows fits in memory); generation runs one request at a time. The scorer moves the
+    model to `device` and puts it in eval mode.
     """
 
     def __init__(self, model, tokenizer, *, block_size: int, device=None, output=None, batch_size=16, max_batch_size: int = 64):
