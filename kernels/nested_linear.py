@@ -484,8 +484,8 @@ _KINDS = (("bf16", 2, "ieee"), ("fp16", 2, "ieee"), ("fp32", 4, "tf32"), ("fp32"
 def _register_compile_specs():
     """The launchable variants with every tile set, specialised as the JIT specialises them on
     ordinary shapes: unit strides and a split count of 1 become constants, other sizes and
-    strides multiples of 16. Weight gradients are built with and without split-K; 64-bit
-    offsets with the largest tile of each operand kind."""
+    strides multiples of 16. Weight gradients are built with and without split-K, 64-bit
+    offsets with the largest tile."""
     pointers = ("a_ptr", "b_ptr", "c_ptr", "bias_ptr", "a2_ptr", "b2_ptr", "c2_ptr", "bias2_ptr")
     sizes = ("P", "Q", "R", "P2", "Q2", "R2")
     strides = ("stride_ap", "stride_ar", "stride_br", "stride_bq", "stride_cp", "stride_cq",
@@ -512,10 +512,14 @@ def _register_compile_specs():
     }
     for dtype, element_size, precision in _KINDS:
         configs = tile_configs(element_size, precision)
+        # fp16 builds bf16's code with another element type: its split-K and 64-bit variants
+        # are left to bf16's; fp32 without TF32 (off the default path) gets no 64-bit build.
+        extra = dtype != "fp16"
         for name, (kind, flags) in variants.items():
-            for split in (False, True) if kind == "grad_weight" else (False,):
+            for split in (False, True) if kind == "grad_weight" and extra else (False,):
                 for config in configs:
-                    for int64 in (False, True) if config == configs[0] else (False,):
+                    int64_too = extra and precision == ("tf32" if dtype == "fp32" else "ieee") and config == configs[0]
+                    for int64 in (False, True) if int64_too else (False,):
                         _register_nested_matmul_spec(
                             name + ("_split_k" if split else ""), dtype, precision, config, flags, unit[kind],
                             pointers, sizes, strides, split, int64)
@@ -554,7 +558,7 @@ def _register_nested_matmul_spec(name, dtype, precision, config, flags, unit_str
         signature=signature,
         constexprs=constexprs,
         options={"num_warps": warps, "num_stages": stages},
-        uses_dot=True,
+        uses_dot=precision == "tf32" or dtype != "fp32",  # an ieee fp32 dot runs on FMA units
         divisible=pointers + ("sums_ptr", "sums2_ptr") + tuple(a for a in sizes + strides if a not in unit_strides),
     ))
 
