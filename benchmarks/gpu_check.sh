@@ -41,7 +41,7 @@ step() {  # step NAME SECONDS COMMAND...: run, keep its output, remember its exi
 # float64 gradchecks left to the CPU run. Test processes compile in parallel where xdist is.
 parallel=()
 python -c "import xdist" 2>/dev/null && parallel=(-n 8)
-MATTA_AUTOTUNE=0 step kernel_tests 220 python -m pytest -q -x -p no:cacheprovider "${parallel[@]}" \
+MATTA_AUTOTUNE=0 step kernel_tests 220 python -m pytest -q --maxfail=20 -p no:cacheprovider "${parallel[@]}" \
   tests/test_nested_linear.py tests/test_nested_linear_tiles.py tests/test_matta_loss.py \
   tests/test_fused_linear_matta_loss.py tests/test_matrix_functions.py -k "not gradcheck"
 

@@ -286,12 +286,21 @@ def _split_k_reduce(parts, out, splits, options):
 
 
 def choose_split_k(p, q, r, sm_count):
-    """Slices of the reduction for a (p x q, reduction r) product: enough for two tiles per SM,
-    each slice at least MIN_TOKENS_PER_SPLIT long, at most MAX_SPLIT_K."""
+    """Slices of the reduction for a (p x q, reduction r) product with fewer than two tiles per
+    SM: the fewest that fill waves of one tile per SM at least 90% (every slice adds a partial
+    tile to write and sum), else the fullest; each slice at least MIN_TOKENS_PER_SPLIT long,
+    at most MAX_SPLIT_K."""
     tiles = triton.cdiv(p, SPLIT_K_TILE) * triton.cdiv(q, SPLIT_K_TILE)
-    if tiles >= 2 * sm_count:
+    most = min(r // MIN_TOKENS_PER_SPLIT, MAX_SPLIT_K)
+    if tiles >= 2 * sm_count or most < 2:
         return 1
-    return max(1, min(triton.cdiv(2 * sm_count, tiles), r // MIN_TOKENS_PER_SPLIT, MAX_SPLIT_K))
+
+    def wave_efficiency(splits):
+        programs = tiles * splits
+        return programs / (triton.cdiv(programs, sm_count) * sm_count)
+
+    counts = range(1, most + 1)
+    return next((s for s in counts if wave_efficiency(s) >= 0.9), max(counts, key=wave_efficiency))
 
 
 def _max_offset(t):

@@ -154,3 +154,14 @@ def test_offsets_past_two_to_the_31(monkeypatch, device):
         results.append([*y, *torch.autograd.grad(y, (inp, weight, bias), grads_out)])
     for i, (far, near) in enumerate(zip(*results)):
         assert torch.equal(far, near), f"output {i} differs for the strided input"
+
+
+def test_split_k_choice():
+    """Few output tiles and a long token range split; the count fills waves of one tile per SM."""
+    choose = kernel.choose_split_k
+    assert choose(1024, 1024, 16384, 132) == 2  # 64 tiles of 128 x 128: two slices fill 128 of 132 SMs
+    assert choose(3072, 1024, 16384, 132) == 2  # 192 tiles: 384 programs, 97% of three waves
+    assert choose(768, 768, 8192, 132) == 7  # 36 tiles: 252 programs, 95% of two waves
+    assert choose(8192, 1024, 16384, 132) == 1  # 512 tiles fill the GPU already
+    assert choose(1024, 1024, 1000, 132) == 1  # a slice would be shorter than MIN_TOKENS_PER_SPLIT
+    assert choose(128, 128, 10**6, 132) == kernel.MAX_SPLIT_K  # one tile: the most slices allowed
