@@ -165,3 +165,24 @@ def test_split_k_choice():
     assert choose(8192, 1024, 16384, 132) == 1  # 512 tiles fill the GPU already
     assert choose(1024, 1024, 1000, 132) == 1  # a slice would be shorter than MIN_TOKENS_PER_SPLIT
     assert choose(128, 128, 10**6, 132) == kernel.MAX_SPLIT_K  # one tile: the most slices allowed
+
+
+def test_autotune_key_buckets_the_token_count(monkeypatch):
+    """Compiled launches key the autotuner on the token count's power-of-two bucket, so a new
+    batch size reuses the tuning (the launch itself is recorded here, not run)."""
+    launches = []
+
+    class Recorder:
+        def __getitem__(self, grid):
+            return lambda *args, **flags: launches.append(dict(zip(kernel._nested_matmul_kernel.arg_names, args)))
+
+    monkeypatch.setattr(kernel, "_nested_matmul_tuned", Recorder())
+    options = kernel.LaunchOptions(interpreting=False)
+    for t in (300, 500):
+        x, w = torch.zeros(t, 40), torch.zeros(40, 24)
+        kernel.nested_matmul(x, w, torch.zeros(t, 24), options=options, token_axis=0)  # forward: P tokens
+        kernel.nested_matmul(w.t(), x.t(), torch.zeros(24, t), options=options, token_axis=1)
+        kernel.nested_matmul(x.t(), x, torch.zeros(40, 40), options=options, token_axis=2)  # dW: R tokens
+    keys = [(k["key_p"], k["key_q"], k["key_r"]) for k in launches]
+    assert keys[:3] == [(512, 24, 40), (24, 512, 40), (40, 40, 512)]
+    assert keys[3:] == keys[:3]
