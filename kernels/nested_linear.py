@@ -109,12 +109,12 @@ def _prune_configs(configs, named_args, **kwargs):
 
 
 @triton.jit
-def _load_tile(ptr, rows, cols, stride_row, stride_col, n_rows, n_cols, INTERPRETING: tl.constexpr):
-    # The interpreter computes bf16 arithmetic wrongly, so it gets fp32 operands; compiled
-    # code keeps the input dtype for the tensor cores.
+def _load_tile(ptr, rows, cols, stride_row, stride_col, n_rows, n_cols, UPCAST: tl.constexpr):
+    # UPCAST loads fp32: for sums, and for matrix operands under the interpreter, whose bf16
+    # arithmetic is wrong (compiled code keeps the input dtype for the tensor cores).
     mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
     tile = tl.load(ptr + rows[:, None] * stride_row + cols[None, :] * stride_col, mask=mask, other=0.0)
-    if INTERPRETING:
+    if UPCAST:
         tile = tile.to(tl.float32)
     return tile
 
