@@ -3,6 +3,7 @@
     matta train   --out RUN_DIR [--model ...] [--data ...] [--mode ...] [--optimizer ...] ...
     matta extract --run RUN_DIR --spec student|ta|wide_narrow_wide:K|all --out DIR [--hf]
     matta eval    --run RUN_DIR [--models student,ta,family] [--tasks val,lambada:PATH,choice:PATH]
+    matta lm-eval --model matta --model_args run=RUN_DIR,stream=student --tasks ...   (lm-evaluation-harness)
     matta bench   [nested_linear loss shampoo models]
 
 A usage problem (bad flag value, missing file, unknown model, memory, checkpoint) prints one
@@ -214,6 +215,25 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_lm_eval(harness_args: list[str]) -> int:
+    """lm-evaluation-harness's own command line, run with matta registered as `--model matta`."""
+    try:
+        from . import lm_eval_model  # noqa: F401  registers the model
+    except ImportError as exc:
+        if exc.name != "lm_eval":
+            raise
+        raise CLIError(str(exc)) from None
+    from lm_eval.__main__ import cli_evaluate
+
+    saved = sys.argv
+    sys.argv = ["lm-eval", *harness_args]  # the harness reads its arguments from sys.argv
+    try:
+        cli_evaluate()
+    finally:
+        sys.argv = saved
+    return 0
+
+
 # ----------------------------------------------------------------------------------------
 # bench
 
@@ -253,7 +273,7 @@ def cmd_bench(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="matta", description="Matryoshka Teaching-Assistant (MatTA) training.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
-    sub = parser.add_subparsers(dest="command", metavar="{train,extract,eval,bench}", parser_class=_Parser)
+    sub = parser.add_subparsers(dest="command", metavar="{train,extract,eval,lm-eval,bench}", parser_class=_Parser)
     sub.required = True
 
     p = sub.add_parser("train", help="train a Student nested in a TA (defaults: a tiny GPT-2 on the builtin corpus)")
@@ -276,6 +296,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
 
+    sub.add_parser("lm-eval", add_help=False,
+                   help="run lm-evaluation-harness with matta registered (arguments as for `lm_eval`: "
+                        "--model matta --model_args run=RUN_DIR,stream=student --tasks ...)")
+
     p = sub.add_parser("bench", help="run the kernel microbenchmarks (benchmarks/bench_*.py) and print their tables")
     p.add_argument("names", nargs="*", help=f"which (default: {' '.join(KERNEL_BENCHMARKS)}; also models)")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -286,9 +310,13 @@ def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     parser = build_parser()
-    command = next((a for a in argv if a in ("train", "extract", "eval", "bench")), None)
+    command = next((a for a in argv if a in ("train", "extract", "eval", "lm-eval", "bench")), None)
     prog = f"matta {command}" if command else "matta"
     try:
+        if command == "lm-eval":  # everything after it belongs to the harness's own parser
+            at = argv.index("lm-eval")
+            parser.parse_args(argv[: at + 1])
+            return cmd_lm_eval(argv[at + 1 :])
         args = parser.parse_args(argv)
         return {"train": cmd_train, "extract": cmd_extract, "eval": cmd_eval, "bench": cmd_bench}[args.command](args)
     except (CLIError, *USAGE_ERRORS, FloatingPointError) as exc:
