@@ -90,7 +90,7 @@ def cmd_train(args) -> int:
                 "or choose another --out"
             )
         shutil.rmtree(existing)
-    from .train.trainer import Run
+    from .train import Run
 
     Run(cfg, resume=resume).train()
     return 0
@@ -123,8 +123,7 @@ def _parse_specs(text: str, depth: int) -> list[str]:
 
 def _models_for(model, specs):
     """(name, spec, plain model) for each spec; 'family' expands to the wide-narrow-wide family."""
-    from .extraction import extract
-    from .train.modeling import extracted_models
+    from .extraction import extract, extracted_models
 
     out = []
     for spec in specs:
@@ -145,15 +144,11 @@ def _models_for(model, specs):
     return unique
 
 
-def _depth(model) -> int:
-    return len(model.blocks) if hasattr(model, "blocks") else len(model.layers)
-
-
 def cmd_extract(args) -> int:
-    from .train.trainer import load_run
+    from .runs import load_run
 
     cfg, model, tokenizer = load_run(args.run)
-    specs = _parse_specs(args.spec, _depth(model))
+    specs = _parse_specs(args.spec, model.depth)
     out = Path(args.out)
     for name, spec, sub in _models_for(model, specs):
         folder = out / spec.replace(":", "_k")
@@ -179,12 +174,12 @@ def cmd_eval(args) -> int:
     import torch
 
     from .evaluation import LMScorer, lambada_accuracy, multiple_choice_accuracy, parse_tasks, perplexity, validation_loss
-    from .train.trainer import load_run
+    from .runs import load_run
 
     tasks = parse_tasks(args.tasks)
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     cfg, model, tokenizer = load_run(args.run, device)
-    specs = _parse_specs(args.models, _depth(model))
+    specs = _parse_specs(args.models, model.depth)
     val = None
     if any(kind == "val" for kind, _ in tasks):
         from .data import load_data

@@ -27,6 +27,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ._atomic import write_text_atomic
+
 BUILTIN = "builtin"
 EOT = "<|endoftext|>"
 TOKENIZER_CHOICES = ("auto", "bpe", "bytes", "gpt2")
@@ -306,15 +308,8 @@ def _cached_bpe(texts: list[str], vocab_size: int, name: str) -> BPETokenizer:
         except Exception:  # a damaged cache file is rebuilt, never trusted
             pass
     tok = BPETokenizer.train(texts, vocab_size)
-    _atomic_write_text(path, tok.to_json())
+    write_text_atomic(path, tok.to_json())
     return tok
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _encode_documents(tokenizer, documents) -> np.ndarray:

@@ -330,7 +330,7 @@ def load_scorer(path, stream: str | None = None, *, device=None, batch_size=16, 
         if (path / FORMAT_FILE).is_file():
             model = load_extracted(path)
         elif (path / "config.json").is_file() and (path / "model.safetensors").is_file():
-            from .models.hf_gpt2 import load_hf_gpt2
+            from .models import load_hf_gpt2
 
             model = load_hf_gpt2(path)
         else:
