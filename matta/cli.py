@@ -90,9 +90,9 @@ def cmd_train(args) -> int:
                 "or choose another --out"
             )
         shutil.rmtree(existing)
-    from .train import Run
+    from .train import train
 
-    Run(cfg, resume=resume).train()
+    train(cfg, resume=resume)
     return 0
 
 

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 import matta.losses.matta_loss
 from matta.data import load_data
 from matta.runs import load_run
-from matta.train import Run, latest_checkpoint, learning_rate, load_checkpoint, make_config
+from matta.train import Run, latest_checkpoint, learning_rate, load_checkpoint, make_config, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -75,9 +75,12 @@ def test_modes_and_optimizers_train_end_to_end(tmp_path, corpus, mode, optimizer
     trained = {"matta": ("loss_student", "loss_ta"), "student": ("loss_student",), "ta": ("loss_ta",)}[mode]
     assert sum(records[-1][k] for k in trained) < sum(records[0][k] for k in trained)
     names = [m["name"] for m in results["models"]]
-    assert names[:2] == ["Student", "TA"] and any(n.startswith("wide-narrow-wide") for n in names)
-    params = {m["name"]: m["params"] for m in results["models"]}
-    assert params["Student"] < params["TA"]
+    if mode == "student":  # the rest of the TA was never trained, so only the Student is reported
+        assert names == ["Student"]
+    else:
+        assert names[:2] == ["Student", "TA"] and any(n.startswith("wide-narrow-wide") for n in names)
+        params = {m["name"]: m["params"] for m in results["models"]}
+        assert params["Student"] < params["TA"]
     assert (run_dir / "report.png").stat().st_size > 10_000
     assert json.loads((run_dir / "config.json").read_text())["mode"] == mode
 
@@ -314,3 +317,47 @@ def test_tokens_budget_sets_the_steps(tmp_path, corpus):
     run = Run(cfg)
     run.train()
     assert run.step == 4
+
+
+def test_the_default_run_ends_with_the_student_trained_alone(tmp_path, corpus):
+    """`train` adds the baseline row: a Student-only run on the same data, steps and seed,
+    whose numbers equal those of that run made on its own."""
+    results = train(tiny(tmp_path, corpus, max_steps=3, family=False))
+    alone = Run(tiny(tmp_path, corpus, "alone", mode="student", max_steps=3, family=False)).train()
+    rows = {m["spec"]: m for m in results["models"]}
+    assert list(rows) == ["student", "ta", "baseline"]
+    assert rows["baseline"]["val_loss"] == alone["models"][0]["val_loss"]  # bit-identical
+    assert rows["baseline"]["params"] == rows["student"]["params"]
+    assert all(m["about"] for m in results["models"])
+    assert json.loads((tmp_path / "run" / "results.json").read_text()) == results
+    assert json.loads((tmp_path / "run" / "baseline" / "config.json").read_text())["mode"] == "student"
+    assert [m["spec"] for m in alone["models"]] == ["student"]  # a Student-only run reports its Student only
+
+
+def test_no_baseline_for_single_stream_runs_or_when_switched_off(tmp_path, corpus):
+    for name, overrides in (("ta", dict(mode="ta")), ("off", dict(baseline=False))):
+        results = train(tiny(tmp_path, corpus, name, max_steps=1, family=False, **overrides))
+        assert "baseline" not in [m["spec"] for m in results["models"]]
+        assert not (tmp_path / name / "baseline").exists()
+
+
+def test_a_run_killed_in_its_baseline_resumes_exactly(tmp_path, corpus, monkeypatch):
+    common = dict(max_steps=4, checkpoint_interval=2, family=False)
+    straight = train(tiny(tmp_path, corpus, "straight", **common))
+    cfg = tiny(tmp_path, corpus, "broken", **common)
+    real_step = Run.train_step
+
+    def crash_in_baseline(self):
+        if self.cfg.mode == "student" and self.step == 3:
+            raise KeyboardInterrupt
+        return real_step(self)
+
+    monkeypatch.setattr(Run, "train_step", crash_in_baseline)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg)
+    monkeypatch.setattr(Run, "train_step", real_step)
+    resumed = train(cfg, resume=True)
+    assert resumed == straight | {"models": resumed["models"]}
+    assert [m["val_loss"] for m in resumed["models"]] == [m["val_loss"] for m in straight["models"]]
+    losses = lambda run: [(r["step"], r["loss"]) for r in train_records(tmp_path / run / "baseline")]  # noqa: E731
+    assert losses("broken") == losses("straight")

@@ -1,12 +1,13 @@
 """MatTA training: configuration, schedule, checkpoints, the parallel engines and the loop.
 
-`Run(make_config({...})).train()` is what `matta train` runs. Reading a run directory back
+`train(make_config({...}))` is what `matta train` runs: one `Run`, then (by default) the
+Student trained alone as a baseline. Reading a run directory back
 (`load_run`, `build_model`) is `matta.runs`; `load_run` is re-exported here.
 """
 from .checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import ConfigError, TrainConfig, load_toml, make_config
 from .schedule import learning_rate
-from .trainer import Run, format_table
+from .trainer import Run, format_table, train
 
 
 def __getattr__(name):
@@ -31,4 +32,5 @@ __all__ = [
     "load_toml",
     "make_config",
     "save_checkpoint",
+    "train",
 ]

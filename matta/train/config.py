@@ -81,6 +81,8 @@ class TrainConfig:
     checkpoint_interval: int = _opt("steps between checkpoints (0: only at the end)", default=100)
     keep_checkpoints: int = _opt("checkpoints kept", default=2)
     family: bool = _opt("evaluate the wide-narrow-wide family at the end", default=True)
+    baseline: bool = _opt("with --mode matta and one process: then train the Student alone on the same data, "
+                          "steps and seed (RUN_DIR/baseline) and add it to the table", default=True)
     seed: int = _opt("random seed (model init and data order)", default=1337)
     device: str = _opt("auto, cpu, cuda, cuda:N", default="auto")
     dtype: str = _opt("autocast precision (auto: bf16 on GPU, fp32 on CPU)", choices=DTYPES, default="auto")

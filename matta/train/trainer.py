@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import shutil
 import time
 import warnings
 from pathlib import Path
@@ -316,8 +317,9 @@ class Run:
             save_checkpoint(self.run_dir, self.step, model_state, optimizer_state, {"rng": rng},
                             keep=max(1, self.cfg.keep_checkpoints))
 
-    def train(self) -> dict:
-        """Trains to the last step, then evaluates and reports; returns the results."""
+    def train(self, report: bool = True) -> dict:
+        """Trains to the last step, then evaluates and (with `report`) prints the table and draws
+        report.png; returns the results (empty on ranks other than 0)."""
         self.setup()
         cfg, ctx = self.cfg, self.ctx
         tokens_per_step = cfg.batch_size * cfg.block_size * cfg.grad_accum * ctx.world
@@ -355,7 +357,9 @@ class Run:
                 if model is not None:
                     ls, lt = self.evaluate_nested(model)
                     self._record({"kind": "eval", "step": self.step, "val_student": ls, "val_ta": lt})
-                    progress.write(f"step {self.step}: val loss Student {ls:.4f}, TA {lt:.4f}")
+                    shown = {"student": f"Student {ls:.4f}", "ta": f"TA {lt:.4f}"}
+                    progress.write(f"step {self.step}: val loss "
+                                   + ", ".join(shown[s] for s in self.objective.criterion.streams))
                 if save_now:
                     self.save()
                 if log_now:  # tokens/s counts training only, not evaluations or checkpoints
@@ -365,36 +369,89 @@ class Run:
         nested = self.whole_model()  # a collective under FSDP, so before the group closes
         self.engine = self.objective  # drop DDP's hold on the process group before it closes
         self.ctx.close()
-        return self.final_evaluation(nested) if nested is not None else {}
+        if nested is None:
+            return {}
+        results = self.final_evaluation(nested)
+        if report:
+            self.report(results)
+        return results
 
     # -- the end ---------------------------------------------------------------------------------
 
     def final_evaluation(self, nested) -> dict:
-        """Rank 0: the Student, the TA and the family cut out of `nested`, on the validation set."""
+        """Rank 0: the models cut out of `nested` (the Student alone for a Student-only run; else
+        the Student, the TA and the family) on the validation set, written to results.json."""
         cfg, ctx = self.cfg, self.ctx
         rows = []
         batch = max(1, min(cfg.batch_size, 64))
         for name, spec, model in extracted_models(nested, family=cfg.family):
+            if cfg.mode == "student" and spec != "student":  # the rest of the TA was never trained
+                continue
             model.to(ctx.device)
             loss = validation_loss(model, self.val, batch_size=batch, device=ctx.device, autocast_dtype=ctx.amp_dtype)
-            rows.append({"name": name, "spec": spec, "params": model.num_parameters(non_embedding=True),
+            rows.append({"name": name, "spec": spec, "about": describe(spec, cfg.mode),
+                         "params": model.num_parameters(non_embedding=True),
                          "total_params": sum(p.numel() for p in model.parameters()),
                          "val_loss": loss, "perplexity": perplexity(loss)})
             model.to("cpu")
         results = {"step": self.step, "val_tokens": int(self.val[:, 1:].numel()), "models": rows}
         write_json_atomic(self.run_dir / "results.json", results)
-        self.log(format_table(rows, title=f"validation ({results['val_tokens']:,} tokens) after {self.step} steps"))
-        path = make_report(self.run_dir)
-        self.log(f"matta: wrote {path} (loss curves, size vs quality) and {self.run_dir / 'results.json'}")
         return results
 
+    def report(self, results: dict) -> None:
+        """Prints the final table and draws RUN_DIR/report.png."""
+        self.log(format_table(results["models"],
+                              title=f"validation ({results['val_tokens']:,} tokens) after {results['step']} steps"))
+        path = make_report(self.run_dir)
+        self.log(f"matta: wrote {path} (loss curves, size vs quality) and {self.run_dir / 'results.json'}")
+
+
+BASELINE_DIR = "baseline"
+
+
+def describe(spec: str, mode: str) -> str:
+    """What a row of the final table is, in words."""
+    if spec == "student":
+        return {"matta": "Student cut from the MatTA TA", "ta": "Student slice of a TA trained alone",
+                "student": "Student trained alone"}[mode]
+    if spec == "ta":
+        return "TA trained alone" if mode == "ta" else "TA of the MatTA run"
+    k = int(spec.split(":")[1])
+    return f"lowest {k // 2} and highest {k // 2} layers wide, the rest narrow"
+
+
+def train(cfg: TrainConfig, *, resume: bool = False, log=print) -> dict:
+    """`matta train`: the run in `cfg.out`, then (for a single-process MatTA run with
+    `cfg.baseline`) the Student trained alone on the same data, steps and seed in
+    RUN_DIR/baseline, whose row joins the final table. `resume` continues whichever of the
+    two was interrupted."""
+    run = Run(cfg, resume=resume, log=log)
+    with_baseline = cfg.baseline and cfg.mode == "matta" and run.ctx.world == 1
+    results = run.train(report=not with_baseline)
+    if not with_baseline:
+        return results
+    base_dir = Path(cfg.out) / BASELINE_DIR
+    base_cfg = dataclasses.replace(cfg, out=str(base_dir), mode="student", baseline=False, family=False,
+                                   threads=run.cfg.threads)
+    log(f"matta: baseline: the Student trained alone, same data, steps and seed, in {base_dir}")
+    base_resume = resume and latest_checkpoint(base_dir) is not None
+    if not base_resume:  # a fresh baseline must not inherit the checkpoints of an older one
+        shutil.rmtree(base_dir / "checkpoints", ignore_errors=True)
+    base = Run(base_cfg, resume=base_resume, log=lambda *a, **k: log("baseline:", *a, **k)).train(report=False)
+    row = dict(base["models"][0], name="Student alone", spec=BASELINE_DIR, about="baseline: " + describe("student", "student"))
+    results["models"].append(row)
+    write_json_atomic(Path(cfg.out) / "results.json", results)
+    run.report(results)
+    return results
 
 def format_table(rows: list[dict], title: str = "") -> str:
-    """The final table: model, parameters (non-embedding), validation loss, perplexity."""
-    head = ("model", "params (non-emb)", "val loss", "perplexity")
-    lines = [[r["name"], f"{r['params'] / 1e6:.3f}M", f"{r['val_loss']:.4f}", f"{r['perplexity']:.2f}"] for r in rows]
+    """The final table: model, parameters (non-embedding), validation loss, perplexity, what it is."""
+    head = ("model", "params (non-emb)", "val loss", "perplexity", "what it is")
+    lines = [[r["name"], f"{r['params'] / 1e6:.3f}M", f"{r['val_loss']:.4f}", f"{r['perplexity']:.2f}", r.get("about", "")]
+             for r in rows]
     widths = [max(len(h), *(len(l[i]) for l in lines)) for i, h in enumerate(head)]
-    fmt = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
+    fmt = lambda cells: "  ".join(c.ljust(w) if i in (0, len(head) - 1) else c.rjust(w)  # noqa: E731
+                                  for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
     rule = "-" * len(fmt(head))
     out = ([title] if title else []) + [fmt(head), rule] + [fmt(l) for l in lines]
     return "\n".join(out)
