@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from matta.ops.matta_loss import fused_linear_matta_loss  # noqa: E402
+from matta.ops import fused_linear_matta_loss  # noqa: E402
 
 VOCAB = 50257
 

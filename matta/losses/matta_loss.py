@@ -15,7 +15,8 @@ from typing import Optional
 
 from torch import Tensor, nn
 
-from ..ops.matta_loss import MatTALossOutput, check_loss_config, fused_linear_matta_loss, matta_loss
+from ..ops.fused_linear_matta_loss import fused_linear_matta_loss
+from ..ops.matta_loss import MatTALossOutput, check_loss_config, matta_loss
 
 RAMP_SCHEDULES = ("linear", "sigmoid")
 

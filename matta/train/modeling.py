@@ -95,7 +95,7 @@ def matta_loss(forward, model, x, y, *, weights, ramp, temperature, mode, teache
     `forward` is the model or its compiled version; `model` the module (for its head).
     With a Teacher, its soft labels (hidden states + head, chunk by chunk) replace `y`.
     """
-    from ..ops.matta_loss import fused_linear_matta_loss
+    from ..ops import fused_linear_matta_loss
 
     h_s, h_ta = forward(x, return_hidden=True)
     spec = None
