@@ -60,11 +60,11 @@ def _teacher_probs(teacher, start, end, n_classes, dtype):
 
 class _FusedLinearMatTALoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h_s, h_ta, weight, bias, y, hard, row_mask, teacher, n_kept, checks, compute_dtype, chunk,
-                config):
+    def forward(ctx, h_s, h_ta, weight, bias, y, hard, row_mask, teacher, n_kept, checks, grad_enabled,
+                compute_dtype, chunk, config):
         n_tokens, d_s = h_s.shape
         n_classes, d_ta = weight.shape
-        need_hs, need_hta, need_w, need_b = ctx.needs_input_grad[:4]
+        need_hs, need_hta, need_w, need_b = (grad_enabled and need for need in ctx.needs_input_grad[:4])
         write_grad = need_hs or need_hta or need_w or need_b
         math_dtype = torch.float64 if compute_dtype == torch.float64 else torch.float32
         hs, hta, w = h_s.to(compute_dtype), h_ta.to(compute_dtype), weight.to(compute_dtype)
@@ -141,7 +141,7 @@ class _FusedLinearMatTALoss(torch.autograd.Function):
         grads = []
         for g, dtype, need in zip(ctx.saved_tensors, ctx.dtypes, ctx.needs_input_grad[:4]):
             grads.append(scaled_gradient(ctx, g, grad_loss, dtype) if need else None)
-        return (*grads,) + (None,) * 9
+        return (*grads,) + (None,) * 10
 
 
 def _linear_into(out, x, w, b):
@@ -319,6 +319,6 @@ def fused_linear_matta_loss(h_s, h_ta, weight, target=None, *, bias=None, weight
     with no_autocast(device):
         loss, student, ta, distill = _FusedLinearMatTALoss.apply(
             h_s.reshape(n_tokens, h_s.shape[-1]), h_ta.reshape(n_tokens, d_ta), weight, bias, y, hard, row_mask,
-            teacher, n_kept, checks, compute_dtype, chunk, config,
+            teacher, n_kept, checks, torch.is_grad_enabled(), compute_dtype, chunk, config,
         )
     return MatTALossOutput(loss, student, ta, distill, ramp)

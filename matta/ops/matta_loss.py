@@ -368,6 +368,11 @@ def begin_backward(ctx):
     ctx.backward_done = True
 
 
+# Both Functions take the caller's grad mode (`torch.is_grad_enabled()`, read before apply):
+# under torch.no_grad() their inputs may still require grad (parameters), but no gradient
+# is wanted, so the row kernel takes its one-pass variant and the fused op skips dW and dh.
+
+
 def no_autocast(device):
     """The loss math picks its dtypes itself (fp32/fp64 sums, GEMMs into out= buffers);
     autocast must not recast its matmuls."""
@@ -382,8 +387,8 @@ def no_autocast(device):
 
 class _MatTALossFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits_s, logits_ta, y, hard, n_kept, checks, config):
-        write_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+    def forward(ctx, logits_s, logits_ta, y, hard, n_kept, checks, grad_enabled, config):
+        write_grad = grad_enabled and (ctx.needs_input_grad[0] or ctx.needs_input_grad[1])
         work = torch.promote_types(logits_s.dtype, logits_ta.dtype)
         z_s = logits_s.to(work, copy=True, memory_format=torch.contiguous_format)
         z_ta = logits_ta.to(work, copy=True, memory_format=torch.contiguous_format)
@@ -403,7 +408,7 @@ class _MatTALossFunction(torch.autograd.Function):
         z_s, z_ta = ctx.saved_tensors
         dtype_s, dtype_ta = ctx.dtypes
         return (scaled_gradient(ctx, z_s, grad_loss, dtype_s), scaled_gradient(ctx, z_ta, grad_loss, dtype_ta),
-                None, None, None, None, None)
+                None, None, None, None, None, None)
 
 
 def matta_loss(logits_s, logits_ta, target, *, weights=(1.0, 1.0, 1.0), ramp=1.0, temperature=1.0,
@@ -448,6 +453,7 @@ def matta_loss(logits_s, logits_ta, target, *, weights=(1.0, 1.0, 1.0), ramp=1.0
     config = dict(ignore_index=ignore_index, w_s=w_s, w_ta=w_ta, w_d=ramp * w_d, temperature=temperature)
     with no_autocast(logits_s.device):
         loss, student, ta, distill = _MatTALossFunction.apply(
-            logits_s.reshape(-1, n_classes), logits_ta.reshape(-1, n_classes), y, hard, n_kept, checks, config,
+            logits_s.reshape(-1, n_classes), logits_ta.reshape(-1, n_classes), y, hard, n_kept, checks,
+            torch.is_grad_enabled(), config,
         )
     return MatTALossOutput(loss, student, ta, distill, ramp)
