@@ -84,7 +84,8 @@ def newton_inverse_root_kernel(
 ):
     pid = tl.program_id(0)
     slot = BLOCK * BLOCK
-    x_buf = scratch_ptr + pid.to(tl.int64) * 4 * slot  # slot 0; slots 1-3 rotate M and T's powers
+    # SCRATCH_SLOTS = 4 slots per program: X in slot 0; slots 1-3 rotate M and T's powers.
+    x_buf = scratch_ptr + pid.to(tl.int64) * 4 * slot
     panel_rows = tl.arange(0, BLOCK_M)[:, None]
     cols = tl.arange(0, BLOCK)[None, :]
     for matrix in range(pid, batch, tl.num_programs(0)):

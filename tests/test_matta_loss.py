@@ -220,7 +220,8 @@ def test_rows_kernel_matches_torch_pass(device, monkeypatch, block_v):
                     lambda *a: _rows_torch(*a, **config)):
             zs, zta = z_s.clone(), z_ta.clone()
             out = torch.full((rows, 4), float("nan"), device=device)
-            run(zs, zta, y, out, scale)
+            with kernel_launches(not results):  # the kernel first, then its twin
+                run(zs, zta, y, out, scale)
             results.append((zs, zta, out))
         (ks, kta, kout), (ts, tta, tout) = results
         torch.testing.assert_close(kout[:, :3], tout[:, :3], **tolerance)
@@ -278,8 +279,10 @@ def test_soft_target_any_strides(device, monkeypatch, layout, block_v):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-9)
 
 
-def test_bf16_broadcast_target_is_never_materialised(device, monkeypatch):
-    """A 16-bit broadcast target reaches the kernel as one fp32 row, still broadcast."""
+def test_what_target_layout_reaches_the_kernel(device, monkeypatch):
+    """A broadcast target (here bf16) reaches the kernel as one fp32 row, still broadcast (an
+    R x V copy would cost as much as the logits); a transposed one as one contiguous copy (the
+    kernel reads the target twice, and strided reads waste most of each memory transaction)."""
     pytest.importorskip("triton")
     from matta.kernels import matta_loss as kernel
 
@@ -287,13 +290,18 @@ def test_bf16_broadcast_target_is_never_materialised(device, monkeypatch):
     real = kernel.matta_loss_rows
     monkeypatch.setattr(kernel, "matta_loss_rows", lambda z_s, z_ta, y, *a, **kw: seen.append(y) or real(z_s, z_ta, y, *a, **kw))
     monkeypatch.setenv("MATTA_BACKEND", "triton")
-    target = soft_target_layouts(9, 53, device, torch.bfloat16)["broadcast_row"]
     z_s, z_ta, _, weights = random_case((9,), 53, True, device)
-    out = matta_loss(z_s, z_ta, target, weights=weights)
-    (y,) = seen
-    assert y.dtype == torch.float32 and y.stride() == (0, 1) and y.untyped_storage().nbytes() == 53 * 4
-    want, _ = oracle(z_s, z_ta, target, weights, 1.0, 1.0)
-    assert abs(out.loss.item() - want.item()) <= 1e-5 * want.item()
+    for dtype, layout in ((torch.bfloat16, "broadcast_row"), (torch.float32, "transposed")):
+        target = soft_target_layouts(9, 53, device, dtype)[layout]
+        out = matta_loss(z_s, z_ta, target, weights=weights)
+        y = seen.pop()
+        assert y.dtype == torch.float32
+        if layout == "broadcast_row":
+            assert y.stride() == (0, 1) and y.untyped_storage().nbytes() == 53 * 4
+        else:
+            assert y.is_contiguous()
+        want, _ = oracle(z_s, z_ta, target, weights, 1.0, 1.0)
+        assert abs(out.loss.item() - want.item()) <= 1e-5 * want.item()
 
 
 def test_ignore_index_and_all_ignored(backend, device):
@@ -370,7 +378,9 @@ def test_interpret_block_v_knob(device, monkeypatch):
     want, _ = oracle(z_s, z_ta, target, (1, 1, 1), 1.0, 1.0)
     for block in (" ", "16", "64"):
         monkeypatch.setenv("MATTA_INTERPRET_BLOCK_V", block)
-        assert abs(matta_loss(z_s, z_ta, target).loss.item() - want.item()) <= 1e-5 * want.item()
+        with kernel_launches(True):
+            loss = matta_loss(z_s, z_ta, target).loss
+        assert abs(loss.item() - want.item()) <= 1e-5 * want.item()
 
 
 # ----------------------------------------------------------------------------------------

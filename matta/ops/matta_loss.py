@@ -197,7 +197,9 @@ def _kernel_target(y):
     (say, transposed) layout, which the kernel would otherwise read twice with gaps; a
     broadcast dimension (stride 0) stays broadcast, so no R x V copy is ever made of it."""
     base = y[tuple(slice(0, 1) if stride == 0 else slice(None) for stride in y.stride())]
-    return base.to(torch.float32, memory_format=torch.contiguous_format).expand(y.shape)
+    if base.shape[-1] > 1 and base.stride(-1) != 1:
+        base = base.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
+    return base.to(torch.float32).expand(y.shape)
 
 
 def loss_rows_pass(z_s, z_ta, y, out, scale, **kw):
