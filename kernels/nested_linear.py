@@ -120,22 +120,9 @@ def _load_tile(ptr, rows, cols, stride_row, stride_col, n_rows, n_cols, UPCAST: 
 
 
 @triton.jit
-def _output_value(ptr, value, INTERPRETING: tl.constexpr):
-    """value in ptr's dtype, rounded to nearest even. The interpreter truncates fp32 to bf16,
-    so there the rounding is done on the bits first (a compiled cast rounds by itself)."""
-    if INTERPRETING:
-        if ptr.dtype.element_ty == tl.bfloat16:
-            bits = value.to(tl.uint32, bitcast=True)
-            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-            value = bits.to(tl.float32, bitcast=True)
-    return value.to(ptr.dtype.element_ty)
-
-
-@triton.jit
-def _store_tile(ptr, value, rows, cols, stride_row, stride_col, n_rows, n_cols, INTERPRETING: tl.constexpr):
+def _store_tile(ptr, value, rows, cols, stride_row, stride_col, n_rows, n_cols):
     mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
-    tl.store(ptr + rows[:, None] * stride_row + cols[None, :] * stride_col, _output_value(ptr, value, INTERPRETING),
-             mask=mask)
+    tl.store(ptr + rows[:, None] * stride_row + cols[None, :] * stride_col, value.to(ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -239,12 +226,12 @@ def _nested_matmul_kernel(
     if HAS_BIAS:
         bias = tl.load(bias_ptr + cols, mask=cols < Q, other=0.0).to(tl.float32)
         acc += tl.where(split == 0, bias, 0.0)[None, :]
-    _store_tile(c_ptr + first_row * stride_cp, acc, rows, cols, stride_cp, stride_cq, P, Q, INTERPRETING)
+    _store_tile(c_ptr + first_row * stride_cp, acc, rows, cols, stride_cp, stride_cq, P, Q)
     if (SUB_MODE == 1) | (SUB_MODE == 3):
         if in_sub:
             if HAS_BIAS2:
                 acc2 += tl.load(bias2_ptr + cols, mask=cols < Q2, other=0.0).to(tl.float32)[None, :]
-            _store_tile(c2_ptr + first_row2 * stride_c2p, acc2, rows, cols, stride_c2p, stride_c2q, P2, Q2, INTERPRETING)
+            _store_tile(c2_ptr + first_row2 * stride_c2p, acc2, rows, cols, stride_c2p, stride_c2q, P2, Q2)
 
     if ROW_SUMS:
         if pid_q == 0:
@@ -267,22 +254,21 @@ _nested_matmul_tuned = triton.autotune(
 
 
 @triton.jit
-def _split_k_reduce_kernel(parts_ptr, out_ptr, n, SPLITS, BLOCK: tl.constexpr, INTERPRETING: tl.constexpr):
+def _split_k_reduce_kernel(parts_ptr, out_ptr, n, SPLITS, BLOCK: tl.constexpr):
     """out[i] = parts[0, i] + parts[1, i] + ... in that order (parts: (SPLITS, n) fp32)."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     total = tl.zeros((BLOCK,), dtype=tl.float32)
     for s in range(0, SPLITS):
         total += tl.load(parts_ptr + s * n + offs, mask=mask, other=0.0)
-    tl.store(out_ptr + offs, _output_value(out_ptr, total, INTERPRETING), mask=mask)
+    tl.store(out_ptr + offs, total.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def _split_k_reduce(parts, out, splits, options):
+def _split_k_reduce(parts, out, splits):
     """Sum `splits` equal slices of the flat fp32 `parts` into the contiguous `out`."""
     n = out.numel()
     count_launch("nested_linear.split_k_reduce")
-    _split_k_reduce_kernel[(triton.cdiv(n, REDUCE_BLOCK),)](parts, out, n, splits, BLOCK=REDUCE_BLOCK,
-                                                          INTERPRETING=options.interpreting, num_warps=4)
+    _split_k_reduce_kernel[(triton.cdiv(n, REDUCE_BLOCK),)](parts, out, n, splits, BLOCK=REDUCE_BLOCK, num_warps=4)
 
 
 def choose_split_k(p, q, r, sm_count):
@@ -377,7 +363,7 @@ def nested_matmul(a, b, out, *, options, bias=None, sub_mode=NONE, sub_shape=(0,
     if split_k > 1:
         for target, part in zip((out, out2, row_sums, row_sums2), parts):
             if target is not None:
-                _split_k_reduce(part, target, split_k, options)
+                _split_k_reduce(part, target, split_k)
 
 
 def _poisoned(shape, like, dtype, options):
@@ -537,8 +523,8 @@ def _register_compile_specs():
             name=f"nested_linear.split_k_reduce.{dtype}",
             fn=_split_k_reduce_kernel,
             signature={"parts_ptr": "*fp32", "out_ptr": f"*{dtype}", "n": "i32", "SPLITS": "i32",
-                       "BLOCK": "constexpr", "INTERPRETING": "constexpr"},
-            constexprs={"BLOCK": REDUCE_BLOCK, "INTERPRETING": False},
+                       "BLOCK": "constexpr"},
+            constexprs={"BLOCK": REDUCE_BLOCK},
             options={"num_warps": 4},
             divisible=("parts_ptr", "out_ptr", "n"),
         ))

@@ -12,7 +12,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import matta.losses.matta_loss
 from matta.data import load_data
 from matta.runs import load_run
 from matta.train import Run, latest_checkpoint, learning_rate, load_checkpoint, make_config, train
@@ -194,23 +193,8 @@ class _Batches:
         return self.rows[(index, rank)]
 
 
-def _sync_free_fused_loss(h_s, h_ta, weight, target, *, bias=None, teacher=None, chunk_size=None, **options):
-    """The fused loss's contract computed from full logits by the plain reference (no host reads)."""
-    from matta.ops import matta_loss_reference
-
-    return matta_loss_reference(F.linear(h_s, weight[:, : h_s.shape[-1]], bias), F.linear(h_ta, weight, bias), target,
-                                **options)
-
-
-@pytest.mark.parametrize("mode, fused_loss", [
-    pytest.param("matta", True, marks=pytest.mark.xfail(reason="fused loss host syncs removed on branch k9loss",
-                                                        strict=False)),
-    ("matta", False),  # the fused op swapped for a sync-free stand-in: everything else in the step is checked
-    ("student", True),  # one stream: no fused op
-])
-def test_a_training_step_never_reads_the_device(tmp_path, corpus, monkeypatch, mode, fused_loss):
-    if not fused_loss:
-        monkeypatch.setattr(matta.losses.matta_loss, "fused_linear_matta_loss", _sync_free_fused_loss)
+@pytest.mark.parametrize("mode", ["matta", "student"])  # both streams with the fused loss; one stream
+def test_a_training_step_never_reads_the_device(tmp_path, corpus, monkeypatch, mode):
     run = Run(tiny(tmp_path, corpus, mode=mode, grad_accum=2, batch_size=2, max_steps=4, dropout=0.1))
     run.setup()
     run.batches.source = _Batches(run.data.train, 4, 2, 2)

@@ -36,6 +36,7 @@ from .. import runs
 from .._atomic import write_json_atomic, write_text_atomic
 from ..data import Data, load_data
 from ..extraction import extracted_models
+from ..losses import check_loss_inputs
 from ..report import make_report
 from ..scoring import perplexity, validation_loss
 from . import parallel
@@ -280,6 +281,7 @@ class Run:
                  self._all_finite.reshape(1).double()]
         values = self.ctx.mean_over_ranks(torch.cat([rec["losses"], *flags])).tolist()
         if values[-1] < 1.0:
+            check_loss_inputs()  # a loss input at fault (NaN, a bad target) is named; else the loss itself overflowed
             raise FloatingPointError(
                 f"the loss became NaN or inf by step {rec['step']}; lower --lr or raise --warmup-steps"
             )
