@@ -12,5 +12,5 @@ kernel_packages = ["matta.kernels" + name[len("kernels"):] for name in find_pack
 setup(
     packages=matta_packages + kernel_packages + ["matta.csrc"],
     package_dir={"matta.kernels": "kernels", "matta.csrc": "csrc"},
-    package_data={"matta.csrc": ["*.cpp", "*.cu", "*.h", "*.cuh"]},
+    package_data={"matta.csrc": ["*.cpp", "*.cu", "*.h", "*.cuh"], "matta.ops": ["dispatch_table.json"]},
 )

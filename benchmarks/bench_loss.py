@@ -2,11 +2,14 @@
 `fused_linear_matta_loss` (chunked, never full logits). Forward + backward.
 
 CPU (default): time and peak extra RSS at T tokens (default 4096), d = 1024, V = 50257,
-fp32. Each variant runs in its own subprocess so the peak RSS of one cannot pollute the
-other; "extra" is the peak RSS during the loss minus the peak after the inputs were made.
+fp32 (or bf16 autocast over fp32 parameters, as training runs). Each measurement is one
+subprocess (so the peak RSS of one variant cannot pollute the other's), and the variants
+take turns, round after round, so load changes hit both; medians over the rounds. "extra"
+is the peak RSS during the loss minus the peak after the inputs were made.
 
     python benchmarks/bench_loss.py                    # T = 4096 (minutes on 2 cores)
     python benchmarks/bench_loss.py --tokens 512       # quick
+    python benchmarks/bench_loss.py --dtype bf16       # under torch.autocast(bfloat16)
     python benchmarks/bench_loss.py --gpu --json out.json
 GPU: T = 4096 and 16384, bf16, time (CUDA events) and max_memory_allocated above the inputs;
 also checks that the fused loss and weight gradient agree with the naive ones.
@@ -26,7 +29,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from matta.ops.matta_loss import fused_linear_matta_loss  # noqa: E402
+from matta.ops import fused_linear_matta_loss  # noqa: E402
 
 VOCAB = 50257
 
@@ -58,10 +61,12 @@ def make_inputs(n_tokens, d_s, d_ta, dtype, device, seed=0):
     return [h_s.requires_grad_(), h_ta.requires_grad_(), weight.requires_grad_()], target
 
 
-def step(variant, inputs, target, chunk_size):
+def step(variant, inputs, target, chunk_size, autocast_dtype=None):
     for t in inputs:
         t.grad = None
-    loss = naive_loss(*inputs, target) if variant == "naive" else fused_loss(*inputs, target, chunk_size)
+    device = inputs[0].device.type
+    with torch.autocast(device, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+        loss = naive_loss(*inputs, target) if variant == "naive" else fused_loss(*inputs, target, chunk_size)
     loss.backward()
     return loss.detach()
 
@@ -73,38 +78,44 @@ def step(variant, inputs, target, chunk_size):
 def cpu_worker(args):
     torch.set_num_threads(args.threads)
     inputs, target = make_inputs(args.tokens, args.student_dim, args.dim, torch.float32, "cpu")
+    autocast_dtype = torch.bfloat16 if args.dtype == "bf16" else None
     base_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    times = []
-    for i in range(args.warmup + args.repeats):  # warm-up runs are not timed
-        start = time.perf_counter()
-        loss = step(args.worker, inputs, target, args.chunk_size)
-        if i >= args.warmup:
-            times.append(time.perf_counter() - start)
+    for _ in range(args.warmup):  # not timed
+        step(args.worker, inputs, target, args.chunk_size, autocast_dtype)
+    start = time.perf_counter()
+    loss = step(args.worker, inputs, target, args.chunk_size, autocast_dtype)
+    seconds = time.perf_counter() - start
     peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"variant": args.worker, "median_s": statistics.median(times), "times_s": times,
-                      "peak_extra_rss_mib": (peak_kb - base_kb) / 1024, "loss": loss.item()}))
+    print(json.dumps({"variant": args.worker, "seconds": seconds, "peak_extra_rss_mib": (peak_kb - base_kb) / 1024,
+                      "loss": loss.item()}))
 
 
 def run_cpu(args):
-    results = {}
-    for variant in ("naive", "fused"):
-        cmd = [sys.executable, os.path.abspath(__file__), "--worker", variant, "--tokens", str(args.tokens),
-               "--dim", str(args.dim), "--student-dim", str(args.student_dim), "--repeats", str(args.repeats),
-               "--warmup", str(args.warmup), "--threads", str(args.threads)]
-        if args.chunk_size:
-            cmd += ["--chunk-size", str(args.chunk_size)]
-        done = subprocess.run(cmd, check=True, capture_output=True, text=True,
-                              env={**os.environ, "MATTA_BACKEND": "torch"})
-        results[variant] = json.loads(done.stdout.strip().splitlines()[-1])
+    runs = {"naive": [], "fused": []}
+    for round_ in range(args.repeats):
+        for variant in (("naive", "fused") if round_ % 2 == 0 else ("fused", "naive")):
+            cmd = [sys.executable, os.path.abspath(__file__), "--worker", variant, "--tokens", str(args.tokens),
+                   "--dim", str(args.dim), "--student-dim", str(args.student_dim), "--warmup", str(args.warmup),
+                   "--threads", str(args.threads), "--dtype", args.dtype]
+            if args.chunk_size:
+                cmd += ["--chunk-size", str(args.chunk_size)]
+            done = subprocess.run(cmd, check=True, capture_output=True, text=True,
+                                  env={**os.environ, "MATTA_BACKEND": "torch"})
+            runs[variant].append(json.loads(done.stdout.strip().splitlines()[-1]))
+    results = {variant: {"median_s": statistics.median(r["seconds"] for r in rs),
+                         "times_s": [r["seconds"] for r in rs],
+                         "peak_extra_rss_mib": statistics.median(r["peak_extra_rss_mib"] for r in rs),
+                         "loss": rs[-1]["loss"]} for variant, rs in runs.items()}
     naive, fused = results["naive"], results["fused"]
     rows = [
-        f"CPU fp32, T={args.tokens}, d_S={args.student_dim}, d_TA={args.dim}, V={VOCAB}, "
-        f"{args.threads} threads, median of {args.repeats} (forward + backward)",
-        f"{'variant':8s} {'median s':>10s} {'peak extra RSS MiB':>20s}",
+        f"CPU {args.dtype}, T={args.tokens}, d_S={args.student_dim}, d_TA={args.dim}, V={VOCAB}, "
+        f"{args.threads} threads, median of {args.repeats} interleaved rounds (forward + backward)",
+        f"{'variant':8s} {'median s':>10s} {'peak extra RSS MiB':>20s}  times s",
     ]
     for name in ("naive", "fused"):
         r = results[name]
-        rows.append(f"{name:8s} {r['median_s']:10.2f} {r['peak_extra_rss_mib']:20.0f}")
+        rows.append(f"{name:8s} {r['median_s']:10.2f} {r['peak_extra_rss_mib']:20.0f}  "
+                    + " ".join(f"{t:.2f}" for t in r["times_s"]))
     rows.append(f"fused/naive: time {fused['median_s'] / naive['median_s']:.2f}x, "
                 f"memory {fused['peak_extra_rss_mib'] / naive['peak_extra_rss_mib']:.3f}x; "
                 f"loss {naive['loss']:.6f} vs {fused['loss']:.6f}")
@@ -164,8 +175,11 @@ def main():
     parser.add_argument("--tokens", type=int, default=4096, help="CPU: tokens T (default 4096)")
     parser.add_argument("--dim", type=int, default=1024, help="d_TA (default 1024)")
     parser.add_argument("--student-dim", type=int, default=None, help="d_S (default: d_TA, a shared head)")
-    parser.add_argument("--repeats", type=int, default=None, help="timed runs (default: 3 CPU, 10 GPU)")
-    parser.add_argument("--warmup", type=int, default=1, help="CPU: untimed runs first (default 1)")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="timed runs (CPU: interleaved rounds, one subprocess each; default: 3 CPU, 10 GPU)")
+    parser.add_argument("--warmup", type=int, default=1, help="CPU: untimed runs first in each subprocess (default 1)")
+    parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32",
+                        help="CPU: fp32, or bf16 autocast over fp32 parameters (default fp32)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="CPU threads")
     parser.add_argument("--chunk-size", type=int, default=None, help="fused chunk size (default: automatic)")
     parser.add_argument("--worker", choices=("naive", "fused"), help=argparse.SUPPRESS)

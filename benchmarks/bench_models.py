@@ -2,7 +2,9 @@
 
 Forward + backward of: the NestedGPT2 (both streams, cross-entropy of each), against two
 separate plain GPT2 models of the Student's and the TA's sizes (one step each). Target:
-the MatTA step at most 1.0x the sum of the two separate steps.
+the MatTA step at most 1.0x the sum of the two separate steps. Also timed: the nested
+model running one stream alone (`stream="student"` / `"ta"`, what `matta train --mode
+student|ta` runs), which should cost what the plain model of that size costs.
 
     python benchmarks/bench_models.py                       # tiny preset, CPU, fp32
     python benchmarks/bench_models.py --gpu --json out.json # GPT-2 Medium MatTA, bf16 autocast
@@ -33,13 +35,16 @@ def _ce(logits, target):
     return F.cross_entropy(logits.flatten(0, 1).float(), target.flatten())
 
 
-def _step_fn(model, idx, target, nested, autocast_dtype):
+def _step_fn(model, idx, target, nested, autocast_dtype, stream=None):
     device_type = idx.device.type
 
     def step():
         with torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            out = model(idx)
-            loss = _ce(out[0], target) + _ce(out[1], target) if nested else _ce(out, target)
+            if not nested:
+                loss = _ce(model(idx), target)
+            else:
+                out = model(idx, stream=stream)
+                loss = sum(_ce(z, target) for z in out if z is not None)
         loss.backward()
         model.zero_grad(set_to_none=True)
 
@@ -95,6 +100,8 @@ def run(config, nest, batch, seq, device, autocast_dtype, warmup, reps, backends
     steps = {
         "student": _step_fn(student, idx, target, False, autocast_dtype),
         "ta": _step_fn(ta, idx, target, False, autocast_dtype),
+        "nested_student_only": _step_fn(nested, idx, target, True, autocast_dtype, stream="student"),
+        "nested_ta_only": _step_fn(nested, idx, target, True, autocast_dtype, stream="ta"),
     }
     result = {}
     for backend in backends:
@@ -167,6 +174,10 @@ def main():
     print(f"{'Student alone':<28}{result['student_ms']:>12.2f}")
     print(f"{'TA alone':<28}{result['ta_ms']:>12.2f}")
     print(f"{'Student + TA (separate)':<28}{result['separate_sum_ms']:>12.2f}")
+    print(f"{'nested, Student stream only':<28}{result['nested_student_only_ms']:>12.2f}   "
+          f"{result['nested_student_only_ms'] / result['student_ms']:.3f}x the plain Student")
+    print(f"{'nested, TA stream only':<28}{result['nested_ta_only_ms']:>12.2f}   "
+          f"{result['nested_ta_only_ms'] / result['ta_ms']:.3f}x the plain TA")
     for backend in backends:
         if f"matta_{backend}_ms" in result:
             ms, ratio = result[f"matta_{backend}_ms"], result[f"matta_{backend}_ratio"]

@@ -2,6 +2,10 @@
 
     python benchmarks/bench_nested_linear.py                 # CPU, fp32, small T
     python benchmarks/bench_nested_linear.py --gpu --json out.json   # CUDA, bf16, T up to 16384
+    python benchmarks/bench_nested_linear.py --gpu --dtypes tf32 fp32 --tokens 1024 16384
+
+`--dtypes` takes the dispatch table's keys: bf16, fp16, tf32 (fp32 with TF32 allowed) and
+fp32 (TF32 off). The JSON it writes is what benchmarks/write_dispatch_table.py reads.
 
 Variants, timed in the same run on the same inputs:
 - naive: what users write today: slice the weight, two F.linear calls, autograd.
@@ -14,6 +18,7 @@ projection (two 1024-wide streams -> 4096/8192), the down projection (4096/8192 
 and the first-layer form with one shared input.
 """
 import argparse
+import datetime
 import json
 import os
 import statistics
@@ -26,6 +31,8 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from matta.ops.nested_linear import nested_linear  # noqa: E402
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "tf32": torch.float32, "fp32": torch.float32}
 
 # name -> (M_S, M_TA, N_S, N_TA, one_input)
 SHAPES = {
@@ -80,8 +87,10 @@ def time_interleaved_ms(fns, device, repeats, warmup):
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def bench_shape(name, t, dtype, device, repeats, warmup, variants):
+def bench_shape(name, t, dtype_key, device, repeats, warmup, variants):
     m_s, m_ta, n_s, n_ta, one_input = SHAPES[name]
+    dtype = DTYPES[dtype_key]
+    torch.backends.cuda.matmul.allow_tf32 = dtype_key == "tf32"
     weight = torch.randn(n_ta, m_ta, device=device, dtype=dtype).mul_(0.02).requires_grad_()
     bias = torch.zeros(n_ta, device=device, dtype=dtype, requires_grad=True)
     x_ta = torch.randn(t, m_ta, device=device, dtype=dtype, requires_grad=True)
@@ -114,8 +123,8 @@ def bench_shape(name, t, dtype, device, repeats, warmup, variants):
     medians = time_interleaved_ms(fns, device, repeats, warmup)
     rows = []
     for variant, ms in medians.items():
-        rows.append({"shape": name, "T": t, "dtype": str(dtype).replace("torch.", ""), "variant": variant,
-                     "median_ms": ms, "tflops": total / ms / 1e9})
+        rows.append({"shape": name, "T": t, "dtype": str(dtype).replace("torch.", ""), "dtype_key": dtype_key,
+                     "variant": variant, "median_ms": ms, "tflops": total / ms / 1e9})
     if device.type == "cuda":
         for variant, fn in fns.items():  # peak memory of one step of each, measured alone
             torch.cuda.synchronize()
@@ -134,7 +143,7 @@ def print_table(rows):
     print(f"{'shape':<18}{'T':>7} {'dtype':<9}{'variant':<9}{'median ms':>11}{'TFLOP/s':>9}"
           f"{'x naive':>9}{'of ceil':>9}")
     for r in rows:
-        print(f"{r['shape']:<18}{r['T']:>7} {r['dtype']:<9}{r['variant']:<9}{r['median_ms']:>11.3f}"
+        print(f"{r['shape']:<18}{r['T']:>7} {r['dtype_key']:<9}{r['variant']:<9}{r['median_ms']:>11.3f}"
               f"{r['tflops']:>9.2f}{r['speedup_vs_naive']:>8.2f}x{r['fraction_of_ceiling']:>8.2f}")
 
 
@@ -143,27 +152,31 @@ def main(argv=None):
     parser.add_argument("--gpu", action="store_true", help="run on CUDA in bf16 (default: CPU, fp32)")
     parser.add_argument("--tokens", type=int, nargs="+", help="token counts T")
     parser.add_argument("--shapes", nargs="+", choices=sorted(SHAPES), default=list(SHAPES))
+    parser.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), help="default: bf16 on GPU, fp32 on CPU")
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--json", help="write the rows here")
     args = parser.parse_args(argv)
     if args.gpu:
         if not torch.cuda.is_available():
             parser.error("--gpu needs a CUDA device")
-        device, dtype = torch.device("cuda"), torch.bfloat16
+        device, dtypes = torch.device("cuda"), args.dtypes or ["bf16"]
         tokens = args.tokens or [256, 1024, 8192, 16384]
         variants, repeats, warmup = ["naive", "torch", "triton"], args.repeats or 20, 5
     else:
-        device, dtype = torch.device("cpu"), torch.float32
+        device, dtypes = torch.device("cpu"), args.dtypes or ["fp32"]
         tokens = args.tokens or [256, 1024]
         variants, repeats, warmup = ["naive", "torch"], args.repeats or 5, 1
     rows = []
-    for name in args.shapes:
-        for t in tokens:
-            rows += bench_shape(name, t, dtype, device, repeats, warmup, variants)
+    for dtype_key in dtypes:
+        for name in args.shapes:
+            for t in tokens:
+                rows += bench_shape(name, t, dtype_key, device, repeats, warmup, variants)
     print_table(rows)
     if args.json:
+        capability = "sm_{}{}".format(*torch.cuda.get_device_capability()) if args.gpu else "cpu"
         with open(args.json, "w") as f:
-            json.dump({"device": torch.cuda.get_device_name() if args.gpu else "cpu",
+            json.dump({"op": "nested_linear", "device": torch.cuda.get_device_name() if args.gpu else "cpu",
+                       "capability": capability, "date": datetime.date.today().isoformat(),
                        "torch": torch.__version__, "rows": rows}, f, indent=1)
 
 

@@ -1,24 +1,32 @@
-"""Training throughput of `matta train`: tokens/s (and MFU on GPU) per mode on one model.
+"""Training throughput of `matta train`: step time, tokens/s (and MFU on GPU) per mode.
 
-Times whole optimizer steps of the real trainer (`Run.train_step`: forward of the streams,
-fused MatTA loss, backward, clipping, optimizer) for `--mode student`, `--mode ta` and
-`--mode matta` on the same nested model and data, and prints the median step time, the
-tokens/s, and the ratio of the MatTA step to the Student step plus the TA step.
-MFU counts the FLOPs of the streams a mode trains (6 N per token over the matmul
-parameters, the head included, plus attention), for MatTA the Student's and the TA's.
-Baselines: the extracted plain Student and plain TA, each trained alone (AdamW, cross-
-entropy); the "MatTA / (Student + TA)" ratio compares one MatTA step with the two separate
-steps. Note: `--mode student` and `--mode ta` run both streams of the nested model (the
-other stream's loss weight is 0), so their speed is MatTA's; the plain rows are the
-single-model speeds.
+Times whole optimizer steps of the real trainer (`Run.train_step`: forward of the streams
+the objective reads, fused MatTA loss, backward, clipping, optimizer) for `--mode student`,
+`--mode ta` and `--mode matta` on one nested model (the three objectives share the model
+and its AdamW; only the objective changes, as `matta train --mode` changes it), beside the
+extracted plain Student and plain TA each trained alone (AdamW, cross-entropy): what
+training the two models separately costs. All rows take turns step by step, so load from
+other processes falls on all of them alike; medians. Reported ratios:
 
-    python benchmarks/train_throughput.py                      # CPU, the default tiny demo model
+    Student-only step / MatTA step      what a Student-only run saves (it computes one stream)
+    MatTA step / (Student + TA steps)   one MatTA step against the two models trained apart
+
+MFU counts the FLOPs of the streams a row trains (6 N per token over the matmul parameters,
+the head included, plus attention).
+
+    python benchmarks/train_throughput.py                        # CPU: gpt2-tiny and gpt2 presets
     python benchmarks/train_throughput.py --gpu --json out.json  # GPU: GPT-2 Medium MatTA, bf16
+    python benchmarks/train_throughput.py --explain              # what `--compile` compiles (no timing)
+
+`--explain` runs torch._dynamo.explain on the nested model's forward (what `--compile`
+compiles: `model.compile()`) for both stream choices and both families, and on the whole
+objective (forward + fused loss, which training keeps eager), and prints the graphs, the
+graph breaks with their reasons, and the nested-linear op nodes.
 
 The GPU run (< 90 s on an H100/H200): GPT-2 Medium Student (24 layers, FFN 4096) nested in
-a TA with FFN 8192 and 12 extra layers (36), block 1024, bf16 autocast; AdamW for the three
-modes, Shampoo for MatTA, then MatTA with torch.compile if time is left. Random token ids
-stand in for data (the speed does not depend on them).
+a TA with FFN 8192 and 12 extra layers (36), block 1024, bf16 autocast; then MatTA with
+Shampoo and with torch.compile if time is left. Random token ids stand in for data (the
+speed does not depend on them).
 """
 import argparse
 import json
@@ -34,107 +42,157 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
-from matta.train.config import make_config  # noqa: E402
-from matta.train.trainer import Run  # noqa: E402
+from matta.extraction import extract  # noqa: E402
+from matta.train import Run, make_config  # noqa: E402
+from matta.train.objective import LMObjective, criterion_for  # noqa: E402
+
+MODES = ("student", "ta", "matta")
 
 
-def measure(values: dict, steps: int, warmup: int) -> dict:
-    """Median wall time of `steps` optimizer steps after `warmup` ones, for config `values`."""
-    cfg = make_config({**values, "max_steps": warmup + steps + 1, "progress": False, "family": False,
-                       "eval_interval": 0, "checkpoint_interval": 0})
+def setup_run(values: dict) -> Run:
+    cfg = make_config({**values, "max_steps": 10**6, "progress": False, "family": False, "eval_interval": 0,
+                       "checkpoint_interval": 0})
     run = Run(cfg, log=lambda *a, **k: None)
     run.setup()
-    sync = torch.cuda.synchronize if run.ctx.device.type == "cuda" else (lambda: None)
-    times = []
-    for i in range(warmup + steps):
-        sync()
-        t0 = time.perf_counter()
+    return run
+
+
+def nested_step(run: Run, mode: str):
+    """One trainer step of `run` with the objective of `--mode mode` (single process)."""
+    cfg = run.cfg
+    objective = LMObjective(run.model, criterion_for(mode, cfg.loss_weights, rampup_steps=cfg.rampup_steps,
+                                                     rampup_start=cfg.rampup_start, rampup=cfg.rampup,
+                                                     temperature=cfg.temperature))
+
+    def step():
+        run.objective = run.engine = objective
         run.train_step()
-        sync()
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
-    tokens = cfg.batch_size * cfg.block_size * cfg.grad_accum
-    step_s = statistics.median(times)
-    result = {
-        "mode": cfg.mode, "optimizer": cfg.optimizer, "compile": cfg.compile, "step_s": step_s,
-        "tokens_per_s": tokens / step_s, "tokens_per_step": tokens, "flops_per_token": run.flops_per_token,
-        "achieved_tflops": run.flops_per_token * tokens / step_s / 1e12,
-        "mfu": run.flops_per_token * tokens / step_s / run.peak if run.peak else None,
-    }
-    if run.ctx.device.type == "cuda":
-        result["max_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
-        torch.cuda.reset_peak_memory_stats()
-    del run
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-    return result
+
+    return step
 
 
-def measure_plain(values: dict, which: str, steps: int, warmup: int) -> dict:
-    """Baseline: the extracted plain Student or TA (`extract`) trained alone with AdamW and
-    F.cross_entropy, on the same data: what training the two models separately costs."""
-    import torch.nn.functional as F
-
-    from matta.extraction import extract
-
-    cfg = make_config({**values, "mode": "matta", "max_steps": 1, "progress": False, "family": False})
-    run = Run(cfg, log=lambda *a, **k: None)
-    run.setup()
-    model = extract(run.model, which).to(run.ctx.device).train()
-    del run.model, run.optimizer
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=run.ctx.device.type == "cuda" or None)
+def plain_step(run: Run, which: str):
+    """One step of the extracted plain Student or TA trained alone (AdamW, cross-entropy)."""
+    cfg, device = run.cfg, run.ctx.device
+    model = extract(run.model, which).to(device).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     forward = torch.compile(model) if cfg.compile else model
-    sync = torch.cuda.synchronize if run.ctx.device.type == "cuda" else (lambda: None)
-    times = []
-    for i in range(warmup + steps):
-        x, y = run.data.train.batch(i, cfg.batch_size)
-        x, y = x.to(run.ctx.device), y.to(run.ctx.device)
-        sync()
-        t0 = time.perf_counter()
+    count = [0]
+
+    def step():
+        x, y = (t.to(device) for t in run.data.train.batch(count[0], cfg.batch_size))
+        count[0] += 1
         with run.ctx.autocast():
             logits = forward(x)
-        loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))
-        loss.backward()
+        F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1)).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        sync()
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
-    step_s = statistics.median(times)
-    tokens = cfg.batch_size * cfg.block_size
-    return {"mode": f"plain-{which}", "optimizer": "adamw", "compile": cfg.compile, "step_s": step_s,
-            "tokens_per_s": tokens / step_s, "tokens_per_step": tokens}
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
 
 
-def print_table(rows, title):
+def time_interleaved(steps: dict, warmup: int, reps: int, device) -> dict:
+    """Median seconds per step of each entry; the entries take turns in every round."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for step in steps.values():
+        for _ in range(warmup):
+            step()
+    times = {name: [] for name in steps}
+    for _ in range(reps):
+        for name, step in steps.items():
+            sync()
+            start = time.perf_counter()
+            step()
+            sync()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def rows_for(run: Run, medians: dict, optimizer="adamw") -> list:
+    tokens = run.cfg.batch_size * run.cfg.block_size * run.cfg.grad_accum
+    rows = []
+    for name, step_s in medians.items():
+        kind, _, mode = name.partition(" ")
+        streams = {"student": ("student",), "ta": ("ta",), "matta": ("student", "ta")}[mode]
+        flops = run.model.flops_per_token(run.cfg.block_size, streams)
+        rows.append({"row": name, "optimizer": optimizer, "compile": run.cfg.compile, "step_s": step_s,
+                     "tokens_per_s": tokens / step_s, "tokens_per_step": tokens, "flops_per_token": flops,
+                     "achieved_tflops": flops * tokens / step_s / 1e12,
+                     "mfu": flops * tokens / step_s / run.peak if run.peak else None})
+    return rows
+
+
+def ratios(rows) -> dict:
+    by = {r["row"]: r["step_s"] for r in rows if r["optimizer"] == "adamw" and not r["compile"]}
+    out = {}
+    if {"nested student", "nested matta"} <= set(by):
+        out["student_over_matta"] = by["nested student"] / by["nested matta"]
+    if {"nested matta", "plain student", "plain ta"} <= set(by):
+        out["matta_over_plain_sum"] = by["nested matta"] / (by["plain student"] + by["plain ta"])
+    if {"nested student", "plain student"} <= set(by):
+        out["nested_student_over_plain_student"] = by["nested student"] / by["plain student"]
+    return out
+
+
+def print_table(rows, title, ratio):
     print(f"\n{title}")
-    head = f"{'mode':13} {'optimizer':9} {'compile':7} {'step (s)':>9} {'tokens/s':>10} {'TFLOP/s':>8} {'MFU':>6}"
+    head = f"{'row':15} {'optimizer':9} {'compile':7} {'step (s)':>9} {'tokens/s':>10} {'TFLOP/s':>8} {'MFU':>6}"
     print(head)
     print("-" * len(head))
     for r in rows:
         mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "-"
-        tflops = f"{r['achieved_tflops']:8.3f}" if "achieved_tflops" in r else f"{'-':>8}"
-        print(f"{r['mode']:13} {r['optimizer']:9} {str(r['compile']):7} {r['step_s']:9.4f} {r['tokens_per_s']:10,.0f} "
-              f"{tflops} {mfu:>6}")
-    by_mode = {r["mode"]: r for r in rows if not r["compile"] and r["optimizer"] == "adamw"}
-    if {"plain-student", "plain-ta", "matta"} <= set(by_mode):
-        ratio = by_mode["matta"]["step_s"] / (by_mode["plain-student"]["step_s"] + by_mode["plain-ta"]["step_s"])
-        print(f"MatTA step / (plain Student step + plain TA step, trained separately) = {ratio:.3f}")
-        return ratio
-    return None
+        print(f"{r['row']:15} {r['optimizer']:9} {str(r['compile']):7} {r['step_s']:9.4f} {r['tokens_per_s']:10,.0f} "
+              f"{r['achieved_tflops']:8.3f} {mfu:>6}")
+    names = {"student_over_matta": "Student-only step / MatTA step",
+             "matta_over_plain_sum": "MatTA step / (plain Student step + plain TA step)",
+             "nested_student_over_plain_student": "nested Student-only step / plain Student step"}
+    for key, value in ratio.items():
+        print(f"{names[key]} = {value:.3f}")
+
+
+def measure(values: dict, args, *, plain=True) -> tuple:
+    """The modes of one nested model (and the plain baselines), interleaved."""
+    run = setup_run(values)
+    steps = {f"nested {mode}": nested_step(run, mode) for mode in MODES}
+    if plain:
+        steps.update({f"plain {which}": plain_step(run, which) for which in ("student", "ta")})
+    rows = rows_for(run, time_interleaved(steps, args.warmup, args.steps, run.ctx.device))
+    return run, rows
+
+
+def measure_one(values: dict, args, label: str) -> list:
+    """MatTA steps of a separately built run (another optimizer, or compiled)."""
+    run = setup_run(values)
+    medians = time_interleaved({"nested matta": nested_step(run, "matta")}, args.warmup, args.steps, run.ctx.device)
+    rows = rows_for(run, medians, optimizer=values.get("optimizer", "adamw"))
+    for r in rows:
+        r["row"] = f"{r['row']} ({label})"
+    return rows
+
+
+CPU_PRESETS = {  # the demo's model, and GPT-2 small (124M Student) on a CPU-sized batch
+    "gpt2-tiny": {"model": "gpt2-tiny", "batch_size": 16, "block_size": 128},
+    "gpt2": {"model": "gpt2", "batch_size": 4, "block_size": 128},
+}
 
 
 def cpu_benchmark(args) -> dict:
-    base = {"out": tempfile.mkdtemp(prefix="matta_bench_"), "threads": args.threads}
-    rows = [measure({**base, "mode": mode}, args.steps, args.warmup) for mode in ("student", "ta", "matta")]
-    rows.append(measure({**base, "mode": "matta", "optimizer": "shampoo"}, args.steps, args.warmup))
-    rows += [measure_plain(base, which, args.steps, args.warmup) for which in ("student", "ta")]
-    ratio = print_table(rows, f"CPU ({torch.get_num_threads()} threads), default demo model gpt2-tiny, "
-                              "block 128 x batch 16, builtin corpus")
-    return {"device": platform.processor() or platform.machine(), "threads": torch.get_num_threads(), "rows": rows,
-            "matta_over_sum": ratio}
+    out = {}
+    for preset in args.presets:
+        values = {"out": tempfile.mkdtemp(prefix="matta_bench_"), "threads": args.threads, **CPU_PRESETS[preset]}
+        run, rows = measure(values, args)
+        ratio = ratios(rows)
+        student, ta = run.model.stream_shape("student"), run.model.stream_shape("ta")
+        print_table(rows, f"CPU ({torch.get_num_threads()} thread(s)), {preset}: Student {student.n_layer} layers d "
+                          f"{student.d_model} FFN {student.ffn}, TA {ta.n_layer} layers FFN {ta.ffn}, builtin corpus "
+                          f"(vocab {run.data.vocab_size}), block {values['block_size']} x batch {values['batch_size']}",
+                    ratio)
+        out[preset] = {"rows": rows, **ratio}
+        del run
+    return {"device": platform.processor() or platform.machine(), "threads": torch.get_num_threads(), "presets": out}
 
 
 def gpu_benchmark(args) -> dict:
@@ -148,35 +206,62 @@ def gpu_benchmark(args) -> dict:
             "extra_layers": args.extra_layers, "dtype": "bf16" if args.device != "cpu" else "fp32",
             "device": args.device, "warmup_steps": 1, "precondition_frequency": 20,
             "start_preconditioning_step": 1}
-    rows = []
-    plan = [dict(mode="matta"), dict(plain="student"), dict(plain="ta"), dict(mode="student"), dict(mode="ta"),
-            dict(mode="matta", optimizer="shampoo"), dict(mode="matta", compile=True)]
-    for extra in plan:
-        if time.perf_counter() - start > args.budget_s * (0.5 if extra.get("compile") else 0.85):
-            print(f"skipping {extra}: time budget", file=sys.stderr)
+    run, rows = measure(base, args)
+    if run.ctx.device.type == "cuda":
+        for r in rows:
+            r["max_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    del run
+    torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    for extra, label, share in ((dict(optimizer="shampoo"), "shampoo", 0.6), (dict(compile=True), "compiled", 0.4)):
+        if time.perf_counter() - start > args.budget_s * share:
+            print(f"skipping {label}: time budget", file=sys.stderr)
             continue
         try:
-            if "plain" in extra:
-                rows.append(measure_plain(base, extra["plain"], args.steps, args.warmup))
-            else:
-                rows.append(measure({**base, **extra}, args.steps, args.warmup + (2 if extra.get("compile") else 0)))
+            rows += measure_one({**base, **extra}, args, label)
         except torch.cuda.OutOfMemoryError:
-            print(f"out of memory for {extra}", file=sys.stderr)
-        print(rows[-1] if rows else None, file=sys.stderr, flush=True)
+            print(f"out of memory for {label}", file=sys.stderr)
+        torch.cuda.empty_cache() if torch.cuda.is_available() else None
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    ratio = print_table(rows, f"{device}: {args.model} MatTA (TA FFN {args.ffn_ta}, +{args.extra_layers} layers), "
-                              f"block {args.block_size} x batch {args.batch_size}, bf16")
-    return {"device": device, "model": args.model, "rows": rows, "matta_over_sum": ratio,
-            "wall_s": time.perf_counter() - start}
+    ratio = ratios(rows)
+    print_table(rows, f"{device}: {args.model} MatTA (TA FFN {args.ffn_ta}, +{args.extra_layers} layers), "
+                      f"block {args.block_size} x batch {args.batch_size}, bf16", ratio)
+    return {"device": device, "model": args.model, "rows": rows, **ratio, "wall_s": time.perf_counter() - start}
+
+
+def explain_report() -> list:
+    from matta.runs import build_model
+
+    rows = []
+    for preset in ("gpt2-tiny", "gau-tiny"):
+        cfg = make_config({"model": preset, "extra_layers": 2})
+        torch.manual_seed(0)
+        model = build_model(cfg, 2048)
+        x = torch.randint(0, 2048, (2, 64))
+        cases = [(f"model, stream={stream}", model, (x,), {"return_hidden": True, "stream": stream})
+                 for stream in (None, "student", "ta")]
+        objective = LMObjective(model, criterion_for("matta", (1.0, 1.0, 1.0), rampup_steps=0, rampup_start=0,
+                                                     rampup="linear", temperature=1.0))
+        cases.append(("objective (model + fused loss)", objective, (x, torch.randint(0, 2048, (2, 64)), 0), {}))
+        for what, module, args, kwargs in cases:
+            torch._dynamo.reset()
+            ex = torch._dynamo.explain(module)(*args, **kwargs)
+            nested = sum(1 for g in ex.graphs for n in g.graph.nodes if "nested_linear" in str(n.target))
+            reasons = sorted({b.reason.splitlines()[0][:120] for b in ex.break_reasons})
+            rows.append({"preset": preset, "what": what, "graphs": ex.graph_count, "graph_breaks": ex.graph_break_count,
+                         "nested_linear_nodes": nested, "break_reasons": reasons})
+            print(f"{preset:10} {what:32} graphs {ex.graph_count:2}  breaks {ex.graph_break_count:2}  "
+                  f"nested_linear nodes {nested:3}" + "".join(f"\n    break: {r}" for r in reasons))
+    return rows
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--gpu", action="store_true", help="GPU run (GPT-2 Medium MatTA)")
     p.add_argument("--json", help="write the results here")
-    p.add_argument("--steps", type=int, default=None, help="timed steps (default CPU 5, GPU 5)")
+    p.add_argument("--steps", type=int, default=5, help="timed steps per row")
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--threads", type=int, default=0, help="CPU threads (0: the trainer's choice)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: the trainer's)")
+    p.add_argument("--presets", nargs="+", default=list(CPU_PRESETS), choices=list(CPU_PRESETS), help="CPU run: presets")
     p.add_argument("--model", default="gpt2-medium", help="GPU run: model preset")
     p.add_argument("--ffn-ta", type=int, default=8192)
     p.add_argument("--extra-layers", type=int, default=12)
@@ -184,16 +269,18 @@ def main():
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--device", default="cuda", help="GPU run: device (cpu only to dry-run the GPU path)")
     p.add_argument("--budget-s", type=float, default=80.0)
+    p.add_argument("--explain", action="store_true", help="report torch.compile's graphs and breaks instead of timing")
     args = p.parse_args()
-    args.steps = args.steps or 5
-    if args.gpu:
+    if args.explain:
+        result = {"explain": explain_report()}
+    elif args.gpu:
         if args.device != "cpu" and not torch.cuda.is_available():
             sys.exit("--gpu needs a CUDA GPU")
         result = gpu_benchmark(args)
     else:
         result = cpu_benchmark(args)
     result.update({"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "torch": torch.__version__,
-                   "command": " ".join([os.path.basename(sys.executable), *sys.argv])})
+                   "load_average": os.getloadavg(), "command": " ".join([os.path.basename(sys.executable), *sys.argv])})
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")

@@ -1,17 +1,26 @@
 """Compile every registered kernel configuration for GPU targets, without a GPU.
 
-    python -m matta.kernels.compile_check [--arch 90 80] [--filter SUBSTRING] [--json PATH]
+    python -m matta.kernels.compile_check [--arch 90 80] [--filter SUBSTRING] [--json PATH] [--jobs N]
+    python -m matta.kernels.compile_check --report [--filter SUBSTRING]
 
 Triton lowers each spec to PTX and ptxas builds a cubin for the target, so a kernel that
-cannot build for a GPU fails here and not on a lent machine. Checks per spec and target:
-it builds; a `uses_dot` kernel shows `wgmma` on sm_90 (Hopper tensor cores); shared memory
-fits the architecture. Registers and spills (stack frame + local memory) are read from the
-cubin with cuobjdump and reported, not failed: a spilling config is the autotuner's to drop. Must run with TRITON_INTERPRET unset: the interpreter replaces the
-kernels with Python functions.
+cannot build for a GPU fails here and not on a lent machine. A spec fails when it does not
+build, when shared memory exceeds the architecture's limit, when a `uses_dot` kernel shows no
+`wgmma` on sm_90 (Hopper tensor cores), or when its sm_90 build spills registers (stack frame
+or local memory, read from the cubin with cuobjdump). Spills on sm_80 are reported only.
+
+`--report` builds for sm_90 and prints, per spec, at the GPT-2 Medium MatTA shapes (16384
+tokens, d 1024, FFN 4096/8192, V 50257) on an H100 (132 SMs): registers, shared memory,
+blocks per SM, tiles (programs), waves, and an occupancy model's fraction of peak. The model
+counts only occupancy and wave quantisation; a GPU timing replaces it.
+Must run with TRITON_INTERPRET unset: the interpreter replaces the kernels with Python functions.
 """
 import argparse
+import concurrent.futures
 import importlib
 import json
+import math
+import multiprocessing
 import os
 import pkgutil
 import re
@@ -22,6 +31,14 @@ import time
 
 # Largest dynamic shared memory one block may use (bytes), from the CUDA programming guide.
 SHARED_MEMORY_LIMIT = {90: 232448, 80: 166912}
+
+# An H100 SXM for the report: per-SM limits (CUDA occupancy rules for compute capability 9.0).
+H100 = {"sms": 132, "registers": 65536, "shared": 233472, "shared_reserved_per_block": 1024,
+        "warps": 64, "blocks": 32}
+# Resident warps per SM taken as enough to hide latency (two warpgroups of wgmma, or two
+# blocks of loads in flight): fewer scale the model's estimate down in proportion.
+SATURATING_WARPS = 8
+TOKENS, D_MODEL, FFN_S, FFN_TA, VOCAB = 16384, 1024, 4096, 8192, 50257
 
 
 def _import_all_kernel_modules():
@@ -51,7 +68,7 @@ def compile_spec(spec, arch: int) -> dict:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    result = {"name": spec.name, "arch": arch, "ok": False}
+    result = {"name": spec.name, "arch": arch, "ok": False, "num_warps": spec.options.get("num_warps", 4)}
     attrs = {(spec.fn.arg_names.index(name),): [["tt.divisibility", 16]] for name in spec.divisible}
     start = time.perf_counter()
     try:
@@ -66,11 +83,15 @@ def compile_spec(spec, arch: int) -> dict:
     result["shared"] = compiled.metadata.shared
     result["wgmma"] = "wgmma" in compiled.asm["ptx"]
     usage = _resource_usage(compiled.asm["cubin"])
+    problems = []
     if usage:
         result["registers"] = usage.get("reg")
         # ptxas spills registers to the stack frame; LOCAL counts other local memory.
         result["spill_bytes"] = usage.get("stack", 0) + usage.get("local", 0)
-    problems = []
+        if arch == 90 and result["spill_bytes"]:
+            problems.append(f"spills {result['spill_bytes']} B on sm_90 ({result['registers']} registers)")
+    else:
+        problems.append("cannot read registers and spills: cuobjdump is missing from the triton wheel")
     if result["shared"] > SHARED_MEMORY_LIMIT[arch]:
         problems.append(f"shared memory {result['shared']} B > {SHARED_MEMORY_LIMIT[arch]} B")
     if arch == 90 and spec.uses_dot and not result["wgmma"]:
@@ -82,11 +103,120 @@ def compile_spec(spec, arch: int) -> dict:
     return result
 
 
+def _compile_indexed(job):
+    index, arch = job
+    return compile_spec(_import_all_kernel_modules()[index], arch)
+
+
+def _compile_all(specs, archs, jobs):
+    """Results in spec order, printed as they finish (forked workers share the imported specs)."""
+    everything = _import_all_kernel_modules()
+    work = [(everything.index(spec), arch) for spec in specs for arch in archs]
+    if jobs <= 1:
+        results = map(_compile_indexed, work)
+    else:
+        pool = concurrent.futures.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("fork"))
+        results = pool.map(_compile_indexed, work)
+    out = []
+    for r in results:
+        out.append(r)
+        status = "ok  " if r["ok"] else "FAIL"
+        detail = f"shared {r['shared']:>6} B  regs {r.get('registers', '?'):>3}  spill {r.get('spill_bytes', '?')} B" \
+            f"  {r['seconds']:5.1f} s{'  wgmma' if r.get('wgmma') else ''}" if "shared" in r else ""
+        error = f"  {r['error']}" if r.get("error") else ""
+        print(f"{status} sm_{r['arch']} {r['name']:<72} {detail}{error}", flush=True)
+    return out
+
+
+# ------------------------------------------------------------------------------------------
+# The report: an occupancy model at the GPT-2 Medium MatTA shapes.
+
+
+def blocks_per_sm(registers: int, shared: int, warps: int, gpu=H100) -> int:
+    """Resident blocks per SM, limited by registers (allocated per warp in units of 256),
+    shared memory (plus the 1 KiB the runtime reserves per block), warps and blocks."""
+    per_warp = math.ceil(registers * 32 / 256) * 256
+    by_registers = (gpu["registers"] // per_warp) // warps
+    by_shared = gpu["shared"] // (shared + gpu["shared_reserved_per_block"])
+    return max(0, min(by_registers, by_shared, gpu["warps"] // warps, gpu["blocks"]))
+
+
+def _nested_linear_problems(spec):
+    """(label, programs) where this variant runs in a GPT-2 Medium MatTA FFN (both streams'
+    inputs 1024 wide; Student FFN 4096, TA 8192)."""
+    from . import nested_linear
+
+    c = spec.constexprs
+    if "split_k_reduce" in spec.name:  # sums one 1024 x 1024 weight gradient
+        return [("proj dW 1024x1024", math.ceil(D_MODEL * D_MODEL / c["BLOCK"]))]
+
+    def tiles(p, q, split=1):
+        return math.ceil(p / c["BLOCK_M"]) * math.ceil(q / c["BLOCK_N"]) * split
+
+    kind = spec.name.split(".")[1]
+    if kind.endswith("_split_k"):  # split-K runs where dW tiles are few: a 1024 x 1024 layer
+        split = nested_linear.choose_split_k(D_MODEL, D_MODEL, TOKENS, H100["sms"])
+        return [(f"proj dW 1024x1024, split {split}", tiles(D_MODEL, D_MODEL, split))]
+    if kind.startswith("forward"):  # P tokens, Q outputs
+        return [("ffn_up y", tiles(TOKENS, FFN_TA)), ("ffn_down y", tiles(TOKENS, D_MODEL))]
+    if kind.startswith("grad_input"):  # P tokens, Q inputs
+        return [("ffn_up dx", tiles(TOKENS, D_MODEL)), ("ffn_down dx", tiles(TOKENS, FFN_TA))]
+    return [("ffn_up dW", tiles(FFN_TA, D_MODEL)), ("ffn_down dW", tiles(D_MODEL, FFN_TA))]
+
+
+def report_problems(spec):
+    """Where each kernel runs at the GPT-2 Medium MatTA shapes: [(label, programs or None)]."""
+    if spec.name.startswith("nested_linear."):
+        return _nested_linear_problems(spec)
+    if spec.name.startswith("matta_loss"):  # one program per token row over V = 50257
+        return [(f"{TOKENS} rows x V {VOCAB}", TOKENS)]
+    return [("one program per matrix", None)]  # the Newton roots: the batch sets the grid
+
+
+def report_rows(specs, results, gpu=H100):
+    by_name = {r["name"]: r for r in results if r["arch"] == 90}
+    rows = []
+    for spec in specs:
+        r = by_name[spec.name]
+        warps = r["num_warps"]
+        blocks = blocks_per_sm(r["registers"], r["shared"], warps, gpu) if r.get("registers") else None
+        for label, programs in report_problems(spec):
+            row = {"name": spec.name, "problem": label, "registers": r.get("registers"), "shared": r.get("shared"),
+                   "spill_bytes": r.get("spill_bytes"), "warps": warps, "blocks_per_sm": blocks, "tiles": programs,
+                   "waves": None, "model_fraction_of_peak": None}
+            if programs and blocks:
+                slots = blocks * gpu["sms"]
+                row["waves"] = programs / slots
+                wave_efficiency = programs / (math.ceil(programs / slots) * slots)
+                row["model_fraction_of_peak"] = wave_efficiency * min(1.0, blocks * warps / SATURATING_WARPS)
+            rows.append(row)
+    return rows
+
+
+def print_report(rows):
+    print(f"Occupancy model on an H100 ({H100['sms']} SMs) at GPT-2 Medium MatTA shapes: {TOKENS} tokens, "
+          f"d {D_MODEL}, FFN {FFN_S}/{FFN_TA}, V {VOCAB}. 'model' = wave efficiency x min(1, resident warps / "
+          f"{SATURATING_WARPS}): a model, not a measurement.\n")
+    print("| kernel config | problem | regs | smem KiB | warps | blocks/SM | tiles | waves | model |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+
+    def fmt(value, spec):
+        return "-" if value is None else format(value, spec)
+
+    for r in rows:
+        print(f"| {r['name']} | {r['problem']} | {fmt(r['registers'], 'd')} | {fmt(r['shared'] / 1024, '.0f')} | "
+              f"{r['warps']} | {fmt(r['blocks_per_sm'], 'd')} | {fmt(r['tiles'], 'd')} | {fmt(r['waves'], '.2f')} | "
+              f"{fmt(r['model_fraction_of_peak'], '.2f')} |")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, nargs="+", default=[90, 80], choices=sorted(SHARED_MEMORY_LIMIT))
     parser.add_argument("--filter", default="", help="only specs whose name contains this")
-    parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--json", help="write the results (and the report rows) here")
+    parser.add_argument("--jobs", type=int, default=1, help="compile in this many processes")
+    parser.add_argument("--report", action="store_true",
+                        help="build for sm_90 only and print the H100 occupancy table at GPT-2 Medium shapes")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         print("compile_check: unset TRITON_INTERPRET (the interpreter does not compile)", file=sys.stderr)
@@ -95,22 +225,21 @@ def main(argv=None) -> int:
     if not specs:
         print(f"compile_check: no kernel spec matches {args.filter!r}", file=sys.stderr)
         return 2
-    results = []
-    for spec in specs:
-        for arch in args.arch:
-            r = compile_spec(spec, arch)
-            results.append(r)
-            status = "ok  " if r["ok"] else "FAIL"
-            detail = r.get("error") or (
-                f"shared {r['shared']:>6} B  regs {r.get('registers', '?'):>3}  spill {r.get('spill_bytes', '?')} B"
-                f"  {r['seconds']:5.1f} s{'  wgmma' if r.get('wgmma') else ''}"
-            )
-            print(f"{status} sm_{r['arch']} {r['name']:<64} {detail}", flush=True)
+    archs = [90] if args.report else args.arch
+    results = _compile_all(specs, archs, args.jobs)
     failed = [r for r in results if not r["ok"]]
     print(f"{len(results) - len(failed)} passed, {len(failed)} failed")
+    for r in failed:
+        print(f"FAILED sm_{r['arch']} {r['name']}: {r['error']}")
+    output = {"results": results}
+    if args.report:
+        output["report"] = report_rows([s for s in specs if any(r["name"] == s.name and "shared" in r for r in results)],
+                                       results)
+        print()
+        print_report(output["report"])
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(results, f, indent=1)
+            json.dump(output if args.report else results, f, indent=1)
     return 1 if failed else 0
 
 

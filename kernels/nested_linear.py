@@ -18,63 +18,102 @@ once; over [R2, R) only the main one. How the Student product enters is `SUB_MOD
 
 Bias is added in the epilogue; bias gradients are the row sums of A (the kernel that
 computes dW reads dy^T as A), computed by the programs of the first column block.
+
+Split-K. A weight gradient has few output tiles (a 1024 x 1024 dW is 64 tiles of 128 x 128
+for an H100's 132 SMs) and a long reduction over tokens. When the tiles are fewer than two
+per SM, the token range is cut into `split_k` slices of whole BLOCK_K steps; slice s writes
+fp32 partial results into rows [s P, (s + 1) P) of a buffer, and `_split_k_reduce_kernel`
+sums the slices in order 0, 1, ... into the output: the same bits on every run (no atomics).
+
+Offsets are int32 unless an operand spans 2^31 elements or more (`INT64`, chosen per launch).
 """
+import dataclasses
 import os
 
 import torch
 import triton
 import triton.language as tl
 
-from ..ops.backend import triton_interpreting
 from ._compile_specs import CompileSpec, register_compile_spec
+from ._launches import count_launch
 
 NONE, SEPARATE, ADD, PREFIX = 0, 1, 2, 3
 
-# (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages). 16-bit: two warpgroups on the large tiles for
-# Hopper's wgmma, smaller tiles for thin problems (small T, few output columns). A
-# Student-block tile may stream four operands per stage and hold two accumulators, so
-# 128x256 tiles spill and overflow shared memory (kernels/compile_check.py); fp32 tiles take
-# twice the bytes, so their K step and pipeline depth are smaller to fit sm_80's 163 KiB.
-_TILES = {
-    2: [(128, 128, 64, 8, 3), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4)],
-    4: [(128, 128, 32, 8, 2), (64, 128, 32, 4, 3), (128, 64, 32, 4, 3), (64, 64, 32, 4, 3)],
+# (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) per operand kind. 16-bit: two warpgroups on the
+# large tiles for Hopper's wgmma, smaller tiles for thin problems. A Student-block tile may
+# stream four operands per stage and hold two accumulators, so 128x256 tiles spill and
+# overflow shared memory (kernels/compile_check.py); fp32 tiles take twice the bytes, so their
+# K step and pipeline depth are smaller to fit sm_80's 163 KiB. Without TF32 (`ieee`) the dot
+# runs on FMA units and holds its accumulators in registers, so only tiles that do not spill.
+TILES = {
+    "16-bit": [(128, 128, 64, 8, 3), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4)],
+    "tf32": [(128, 128, 32, 8, 2), (64, 128, 32, 4, 3), (128, 64, 32, 4, 3), (64, 64, 32, 4, 3)],
+    "ieee": [(64, 64, 32, 4, 3), (64, 32, 32, 4, 3)],
 }
+GROUP_M = 8
+INTERPRETER_TILES = (32, 32, 32)  # the interpreter's default; MATTA_INTERPRET_TILES pins others
+
+# Split-K is sized for the tile count at 128 x 128 (so the buffers do not depend on which
+# config the autotuner picks) against two tiles per SM of the GPU (an H100 when there is none).
+MODEL_SM_COUNT = 132
+SPLIT_K_TILE = 128
+MIN_TOKENS_PER_SPLIT = 512
+MAX_SPLIT_K = 16
+REDUCE_BLOCK = 1024
 
 
-def _gpu_configs(element_size):
-    return [
-        triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8}, num_warps=w, num_stages=s)
-        for m, n, k, w, s in _TILES[element_size]
-    ]
+@dataclasses.dataclass(frozen=True)
+class LaunchOptions:
+    """How the op layer wants the kernels launched.
+
+    precision: `tl.dot`'s input precision for fp32 operands, "tf32" or "ieee" (16-bit ignore it).
+    interpreting: the kernels run under TRITON_INTERPRET=1 (operands are upcast to fp32 there,
+        because the interpreter's bf16 arithmetic is wrong, and outputs are poisoned with NaN).
+    tiles: (BLOCK_M, BLOCK_N, BLOCK_K) to launch instead of autotuning; it must be a tile
+        shape of `tile_configs` unless interpreting. None: autotune (interpreter: INTERPRETER_TILES).
+    sm_count: the GPU's SM count, for the split-K decision.
+    """
+
+    precision: str = "ieee"
+    interpreting: bool = False
+    tiles: tuple | None = None
+    sm_count: int = MODEL_SM_COUNT
 
 
-def _configs():
-    if triton_interpreting():
-        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}, num_warps=4, num_stages=1)]
-    return _gpu_configs(2) + _gpu_configs(4)
+def tile_configs(element_size, precision):
+    """The (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) configs the autotuner may launch."""
+    return TILES["16-bit"] if element_size == 2 else TILES[precision]
 
 
-def _configs_for_dtype(configs, named_args, **kwargs):
-    """Autotune prune: the tile set of the operand width; the first only with MATTA_AUTOTUNE=0
+def _as_config(m, n, k, warps, stages):
+    return triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": GROUP_M}, num_warps=warps,
+                         num_stages=stages)
+
+
+def _config_tuple(config):
+    kw = config.kwargs
+    return kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"], config.num_warps, config.num_stages
+
+
+def _all_configs():
+    unique = dict.fromkeys(c for configs in TILES.values() for c in configs)
+    return [_as_config(*c) for c in unique]
+
+
+def _prune_configs(configs, named_args, **kwargs):
+    """Autotune prune: the tile set of the operand kind; only the first with MATTA_AUTOTUNE=0
     (GPU test runs, where tuning every new test shape would cost minutes)."""
-    if triton_interpreting():
-        return configs
-    wanted = _gpu_configs(named_args["a_ptr"].element_size())
-    keep = [c for c in configs if any(c.kwargs == w.kwargs and c.num_stages == w.num_stages for w in wanted)]
+    wanted = tile_configs(named_args["a_ptr"].element_size(), kwargs["PRECISION"])
+    keep = [c for c in configs if _config_tuple(c) in wanted]
     return keep[:1] if os.environ.get("MATTA_AUTOTUNE", "1") == "0" else keep
 
 
 @triton.jit
-def _load_tile(ptr, rows, cols, stride_row, stride_col, n_rows, n_cols):
+def _load_tile(ptr, rows, cols, stride_row, stride_col, n_rows, n_cols, UPCAST: tl.constexpr):
+    # UPCAST loads fp32: for sums, and for matrix operands under the interpreter, whose bf16
+    # arithmetic is wrong (compiled code keeps the input dtype for the tensor cores).
     mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
-    return tl.load(ptr + rows[:, None] * stride_row + cols[None, :] * stride_col, mask=mask, other=0.0)
-
-
-@triton.jit
-def _load_operand(ptr, rows, cols, stride_row, stride_col, n_rows, n_cols, UPCAST: tl.constexpr):
-    # The interpreter computes bf16 arithmetic wrongly, so it gets fp32 operands; compiled
-    # code keeps the input dtype for the tensor cores.
-    tile = _load_tile(ptr, rows, cols, stride_row, stride_col, n_rows, n_cols)
+    tile = tl.load(ptr + rows[:, None] * stride_row + cols[None, :] * stride_col, mask=mask, other=0.0)
     if UPCAST:
         tile = tile.to(tl.float32)
     return tile
@@ -87,32 +126,33 @@ def _store_tile(ptr, value, rows, cols, stride_row, stride_col, n_rows, n_cols):
 
 
 @triton.jit
-def _row_sums(a_ptr, stride_ap, stride_ar, rows, n_rows, n_red, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr):
+def _row_sums(a_ptr, stride_ap, stride_ar, rows, n_rows, lo, hi, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr,
+              INT64: tl.constexpr):
     total = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    for r0 in range(0, n_red, BLOCK_K):
+    for r0 in range(lo, hi, BLOCK_K):
         rr = r0 + tl.arange(0, BLOCK_K)
-        total += tl.sum(_load_tile(a_ptr, rows, rr, stride_ap, stride_ar, n_rows, n_red).to(tl.float32), axis=1)
+        if INT64:
+            rr = rr.to(tl.int64)
+        total += tl.sum(_load_tile(a_ptr, rows, rr, stride_ap, stride_ar, n_rows, hi, True), axis=1)
     return total
 
 
-@triton.autotune(
-    configs=_configs(),
-    key=["P", "Q", "R", "P2", "Q2", "R2", "SUB_MODE", "FOLD", "SHARE_B"],
-    prune_configs_by={"early_config_prune": _configs_for_dtype},
-)
-@triton.jit
+@triton.jit(do_not_specialize=["key_p", "key_q", "key_r"])
 def _nested_matmul_kernel(
     a_ptr, b_ptr, c_ptr, bias_ptr, a2_ptr, b2_ptr, c2_ptr, bias2_ptr, sums_ptr, sums2_ptr,
     P, Q, R, P2, Q2, R2,
     stride_ap, stride_ar, stride_br, stride_bq, stride_cp, stride_cq,
     stride_a2p, stride_a2r, stride_b2r, stride_b2q, stride_c2p, stride_c2q,
+    SPLIT_K, key_p, key_q, key_r,
     SUB_MODE: tl.constexpr, FOLD: tl.constexpr, SHARE_B: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_BIAS2: tl.constexpr, ROW_SUMS: tl.constexpr, ROW_SUMS2: tl.constexpr,
-    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr, INTERPRETING: tl.constexpr, INT64: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
+    # key_p, key_q, key_r only key the autotuner (the sizes with the token count bucketed).
     # Grouped tile order: GROUP_M row blocks share their column blocks of B in L2.
     pid = tl.program_id(0)
+    split = tl.program_id(1)
     blocks_p = tl.cdiv(P, BLOCK_M)
     blocks_q = tl.cdiv(Q, BLOCK_N)
     group = pid // (GROUP_M * blocks_q)
@@ -123,21 +163,31 @@ def _nested_matmul_kernel(
 
     rows = pid_p * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_q * BLOCK_N + tl.arange(0, BLOCK_N)
+    if INT64:  # an operand spans 2^31 elements: every offset product in 64 bits
+        rows = rows.to(tl.int64)
+        cols = cols.to(tl.int64)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     in_sub = (SUB_MODE != 0) & (pid_p * BLOCK_M < P2) & (pid_q * BLOCK_N < Q2)
     r_split = tl.where(in_sub, R2, 0)
     fold_here = (pid_q + 1) * BLOCK_N <= Q2
+    # This program's slice of the reduction: whole BLOCK_K steps, all of it without split-K.
+    chunk = tl.cdiv(tl.cdiv(R, SPLIT_K), BLOCK_K) * BLOCK_K
+    k_lo = split * chunk
+    k_hi = tl.minimum(k_lo + chunk, R)
+    p1_end = tl.minimum(k_hi, r_split)
 
     # Phase 1, reduction [0, R2) of a Student-block tile: both products.
-    for r0 in range(0, r_split, BLOCK_K):
+    for r0 in range(k_lo, p1_end, BLOCK_K):
         rr = r0 + tl.arange(0, BLOCK_K)
-        a = _load_operand(a_ptr, rows, rr, stride_ap, stride_ar, P, r_split, UPCAST)
-        b = _load_operand(b_ptr, rr, cols, stride_br, stride_bq, r_split, Q, UPCAST)
+        if INT64:
+            rr = rr.to(tl.int64)
+        a = _load_tile(a_ptr, rows, rr, stride_ap, stride_ar, P, p1_end, INTERPRETING)
+        b = _load_tile(b_ptr, rr, cols, stride_br, stride_bq, p1_end, Q, INTERPRETING)
         if SUB_MODE == 3:  # PREFIX
             acc = tl.dot(a, b, acc, input_precision=PRECISION)
         else:
-            a2 = _load_operand(a2_ptr, rows, rr, stride_a2p, stride_a2r, P2, R2, UPCAST)
+            a2 = _load_tile(a2_ptr, rows, rr, stride_a2p, stride_a2r, P2, p1_end, INTERPRETING)
             if FOLD:
                 if fold_here:
                     acc = tl.dot(a + a2, b, acc, input_precision=PRECISION)
@@ -148,7 +198,7 @@ def _nested_matmul_kernel(
                 if SHARE_B:
                     b2 = b
                 else:
-                    b2 = _load_operand(b2_ptr, rr, cols, stride_b2r, stride_b2q, R2, Q2, UPCAST)
+                    b2 = _load_tile(b2_ptr, rr, cols, stride_b2r, stride_b2q, p1_end, Q2, INTERPRETING)
                 if SUB_MODE == 1:  # SEPARATE
                     acc2 = tl.dot(a2, b2, acc2, input_precision=PRECISION)
                 else:  # ADD
@@ -157,48 +207,110 @@ def _nested_matmul_kernel(
     if SUB_MODE == 3:
         acc2 = acc
 
-    # Phase 2, the rest of the reduction: the main product only.
-    for r0 in range(r_split, R, BLOCK_K):
+    # Phase 2, the rest of the slice: the main product only (masked at k_hi, where the next
+    # slice starts).
+    for r0 in range(tl.maximum(k_lo, r_split), k_hi, BLOCK_K):
         rr = r0 + tl.arange(0, BLOCK_K)
-        a = _load_operand(a_ptr, rows, rr, stride_ap, stride_ar, P, R, UPCAST)
-        b = _load_operand(b_ptr, rr, cols, stride_br, stride_bq, R, Q, UPCAST)
+        if INT64:
+            rr = rr.to(tl.int64)
+        a = _load_tile(a_ptr, rows, rr, stride_ap, stride_ar, P, k_hi, INTERPRETING)
+        b = _load_tile(b_ptr, rr, cols, stride_br, stride_bq, k_hi, Q, INTERPRETING)
         acc = tl.dot(a, b, acc, input_precision=PRECISION)
 
+    # With split-K, the outputs are slice `split` of the partial buffers.
+    first_row = split * P
+    first_row2 = split * P2
+    if INT64:
+        first_row = first_row.to(tl.int64)
+        first_row2 = first_row2.to(tl.int64)
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + cols, mask=cols < Q, other=0.0).to(tl.float32)[None, :]
-    _store_tile(c_ptr, acc, rows, cols, stride_cp, stride_cq, P, Q)
+        bias = tl.load(bias_ptr + cols, mask=cols < Q, other=0.0).to(tl.float32)
+        acc += tl.where(split == 0, bias, 0.0)[None, :]
+    _store_tile(c_ptr + first_row * stride_cp, acc, rows, cols, stride_cp, stride_cq, P, Q)
     if (SUB_MODE == 1) | (SUB_MODE == 3):
         if in_sub:
             if HAS_BIAS2:
                 acc2 += tl.load(bias2_ptr + cols, mask=cols < Q2, other=0.0).to(tl.float32)[None, :]
-            _store_tile(c2_ptr, acc2, rows, cols, stride_c2p, stride_c2q, P2, Q2)
+            _store_tile(c2_ptr + first_row2 * stride_c2p, acc2, rows, cols, stride_c2p, stride_c2q, P2, Q2)
 
     if ROW_SUMS:
         if pid_q == 0:
-            sums = _row_sums(a_ptr, stride_ap, stride_ar, rows, P, R, BLOCK_K, BLOCK_M)
+            sums = _row_sums(a_ptr, stride_ap, stride_ar, rows, P, k_lo, k_hi, BLOCK_K, BLOCK_M, INT64)
             if ROW_SUMS2:
-                sums2 = _row_sums(a2_ptr, stride_a2p, stride_a2r, rows, P2, R2, BLOCK_K, BLOCK_M)
+                sums2 = _row_sums(a2_ptr, stride_a2p, stride_a2r, rows, P2, k_lo, tl.minimum(k_hi, R2),
+                                  BLOCK_K, BLOCK_M, INT64)
                 if SUB_MODE == 1:
-                    tl.store(sums2_ptr + rows, sums2.to(sums2_ptr.dtype.element_ty), mask=rows < P2)
+                    tl.store(sums2_ptr + first_row2 + rows, sums2.to(sums2_ptr.dtype.element_ty), mask=rows < P2)
                 else:
                     sums += tl.where(rows < P2, sums2, 0.0)
-            tl.store(sums_ptr + rows, sums.to(sums_ptr.dtype.element_ty), mask=rows < P)
+            tl.store(sums_ptr + first_row + rows, sums.to(sums_ptr.dtype.element_ty), mask=rows < P)
 
 
-def _precision(dtype):
-    # fp32 inputs follow PyTorch's own switch, so the kernel matches F.linear's precision.
-    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
-        return "ieee"
-    return "tf32"
+_nested_matmul_tuned = triton.autotune(
+    configs=_all_configs(),
+    key=["key_p", "key_q", "key_r", "SPLIT_K", "SUB_MODE", "FOLD", "SHARE_B", "PRECISION"],
+    prune_configs_by={"early_config_prune": _prune_configs},
+)(_nested_matmul_kernel)
 
 
-def nested_matmul(a, b, out, *, bias=None, sub_mode=NONE, sub_shape=(0, 0, 0), a2=None, b2=None, out2=None,
-                  bias2=None, fold=False, row_sums=None, row_sums2=None):
+@triton.jit
+def _split_k_reduce_kernel(parts_ptr, out_ptr, n, SPLITS, BLOCK: tl.constexpr):
+    """out[i] = parts[0, i] + parts[1, i] + ... in that order (parts: (SPLITS, n) fp32)."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    total = tl.zeros((BLOCK,), dtype=tl.float32)
+    for s in range(0, SPLITS):
+        total += tl.load(parts_ptr + s * n + offs, mask=mask, other=0.0)
+    tl.store(out_ptr + offs, total.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def _split_k_reduce(parts, out, splits):
+    """Sum `splits` equal slices of the flat fp32 `parts` into the contiguous `out`."""
+    n = out.numel()
+    count_launch("nested_linear.split_k_reduce")
+    _split_k_reduce_kernel[(triton.cdiv(n, REDUCE_BLOCK),)](parts, out, n, splits, BLOCK=REDUCE_BLOCK, num_warps=4)
+
+
+def choose_split_k(p, q, r, sm_count):
+    """Slices of the reduction for a (p x q, reduction r) product with fewer than two tiles per
+    SM: the fewest that fill waves of one tile per SM at least 90% (every slice adds a partial
+    tile to write and sum), else the fullest; each slice at least MIN_TOKENS_PER_SPLIT long,
+    at most MAX_SPLIT_K."""
+    tiles = triton.cdiv(p, SPLIT_K_TILE) * triton.cdiv(q, SPLIT_K_TILE)
+    most = min(r // MIN_TOKENS_PER_SPLIT, MAX_SPLIT_K)
+    if tiles >= 2 * sm_count or most < 2:
+        return 1
+
+    def wave_efficiency(splits):
+        programs = tiles * splits
+        return programs / (triton.cdiv(programs, sm_count) * sm_count)
+
+    counts = range(1, most + 1)
+    return next((s for s in counts if wave_efficiency(s) >= 0.9), max(counts, key=wave_efficiency))
+
+
+def _max_offset(t):
+    return sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride())) if t.numel() else 0
+
+
+def _pinned_launch_options(options, element_size):
+    """(BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) of a launch that skips the autotuner, or None."""
+    if options.interpreting:
+        return (*(options.tiles or INTERPRETER_TILES), 4, 1)
+    if options.tiles is None:
+        return None
+    return next(c for c in tile_configs(element_size, options.precision) if c[:3] == tuple(options.tiles))
+
+
+def nested_matmul(a, b, out, *, options, bias=None, sub_mode=NONE, sub_shape=(0, 0, 0), a2=None, b2=None,
+                  out2=None, bias2=None, fold=False, row_sums=None, row_sums2=None, token_axis=0, split_k=1):
     """out = a @ b (+ bias) plus the Student product selected by `sub_mode` (module docstring).
 
     a (P, R), b (R, Q), out (P, Q); a2 (P2, R2), b2 (R2, Q2) (None: b itself), out2 (P2, Q2);
     row_sums (P,) receives a.sum(1) (plus a2's sums unless SEPARATE, where row_sums2 must be
-    given too and receives them).
+    given too and receives them). `token_axis` names which of P, Q, R (0, 1, 2) counts
+    tokens: the autotuner keys on its bucket. `split_k` > 1 (no bias, no PREFIX) slices the
+    reduction; the outputs must then be contiguous.
     Any strides; every tensor on one device.
     """
     P, R = a.shape
@@ -207,57 +319,87 @@ def nested_matmul(a, b, out, *, bias=None, sub_mode=NONE, sub_shape=(0, 0, 0), a
     share_b = b2 is None
     a2_ = a if a2 is None else a2
     b2_ = b if share_b else b2
-    c2_ = out if out2 is None else out2
     dummy = out
+    if split_k > 1:  # fp32 partial buffers, summed into the outputs below
+        targets = [(out, split_k * P * Q), (out2, split_k * P2 * Q2), (row_sums, split_k * P), (row_sums2, split_k * P2)]
+        parts = [None if t is None else _poisoned((size,), out, torch.float32, options) for t, size in targets]
+        c, c2, sums, sums2 = parts
+        c = c.view(split_k * P, Q)
+        c2 = None if c2 is None else c2.view(split_k * P2, Q2)
+    else:
+        c, c2, sums, sums2 = out, out2, row_sums, row_sums2
+    c2_ = c if c2 is None else c2
+    key = [P, Q, R]
+    key[token_axis] = triton.next_power_of_2(key[token_axis])  # new batch sizes reuse the tuning
+    int64 = any(_max_offset(t) >= 2**31 for t in (a, b, c, a2_, b2_, c2_))
 
-    def grid(meta):
-        return (triton.cdiv(P, meta["BLOCK_M"]) * triton.cdiv(Q, meta["BLOCK_N"]),)
-
-    _nested_matmul_kernel[grid](
-        a, b, out, dummy if bias is None else bias, a2_, b2_, c2_, dummy if bias2 is None else bias2,
-        dummy if row_sums is None else row_sums, dummy if row_sums2 is None else row_sums2,
+    args = (
+        a, b, c, dummy if bias is None else bias, a2_, b2_, c2_, dummy if bias2 is None else bias2,
+        dummy if sums is None else sums, dummy if sums2 is None else sums2,
         P, Q, R, P2, Q2, R2,
-        a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1),
+        a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1),
         a2_.stride(0), a2_.stride(1), b2_.stride(0), b2_.stride(1), c2_.stride(0), c2_.stride(1),
+        split_k, *key,
+    )
+    flags = dict(
         SUB_MODE=sub_mode, FOLD=fold, SHARE_B=share_b,
         HAS_BIAS=bias is not None, HAS_BIAS2=bias2 is not None,
         ROW_SUMS=row_sums is not None, ROW_SUMS2=row_sums is not None and a2 is not None,
-        PRECISION=_precision(a.dtype), UPCAST=triton_interpreting(),
+        PRECISION=options.precision, INTERPRETING=options.interpreting, INT64=int64,
     )
 
+    def grid(meta):
+        return (triton.cdiv(P, meta["BLOCK_M"]) * triton.cdiv(Q, meta["BLOCK_N"]), split_k)
 
-def _poisoned(shape, like):
+    count_launch("nested_linear.matmul")
+    pinned = _pinned_launch_options(options, a.element_size())
+    if pinned is None:
+        _nested_matmul_tuned[grid](*args, **flags)
+    else:
+        m, n, k, warps, stages = pinned
+        count_launch(f"nested_linear.matmul.{m}x{n}x{k}")
+        _nested_matmul_kernel[grid](*args, **flags, BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, GROUP_M=GROUP_M,
+                                    num_warps=warps, num_stages=stages)
+    if split_k > 1:
+        for target, part in zip((out, out2, row_sums, row_sums2), parts):
+            if target is not None:
+                _split_k_reduce(part, target, split_k)
+
+
+def _poisoned(shape, like, dtype, options):
     # Under the interpreter, outputs start as NaN so that an unwritten element fails tests.
-    out = like.new_empty(shape)
-    if triton_interpreting():
+    out = like.new_empty(shape, dtype=dtype)
+    if options.interpreting:
         out.fill_(float("nan"))
     return out
 
 
-def nested_linear_forward(x_s, x_ta, weight, bias, student_weight, student_bias, n_s, m_s, one_input):
+def nested_linear_forward(x_s, x_ta, weight, bias, student_weight, student_bias, n_s, m_s, one_input, options):
     t = x_ta.shape[0]
     n_ta, m_ta = weight.shape
-    y_ta = _poisoned((t, n_ta), x_ta)
-    y_s = _poisoned((t, n_s), x_ta)
+    y_ta = _poisoned((t, n_ta), x_ta, x_ta.dtype, options)
+    y_s = _poisoned((t, n_s), x_ta, x_ta.dtype, options)
     if t == 0:
         return y_s, y_ta
     w_t = weight.t()
+    launch = dict(options=options, token_axis=0)
     if student_weight is not None:
         b2 = student_weight.t()
         a2 = x_ta if one_input else x_s
         nested_matmul(x_ta, w_t, y_ta, bias=bias, sub_mode=SEPARATE, sub_shape=(t, n_s, m_s), a2=a2, b2=b2,
-                      out2=y_s, bias2=student_bias)
+                      out2=y_s, bias2=student_bias, **launch)
     else:
         b_s = None if bias is None else bias[:n_s]
         if one_input:
-            nested_matmul(x_ta, w_t, y_ta, bias=bias, sub_mode=PREFIX, sub_shape=(t, n_s, m_s), out2=y_s, bias2=b_s)
+            nested_matmul(x_ta, w_t, y_ta, bias=bias, sub_mode=PREFIX, sub_shape=(t, n_s, m_s), out2=y_s, bias2=b_s,
+                          **launch)
         else:
             nested_matmul(x_ta, w_t, y_ta, bias=bias, sub_mode=SEPARATE, sub_shape=(t, n_s, m_s), a2=x_s,
-                          out2=y_s, bias2=b_s)
+                          out2=y_s, bias2=b_s, **launch)
     return y_s, y_ta
 
 
-def nested_linear_backward(grad_s, grad_ta, x_s, x_ta, weight, student_weight, n_s, m_s, one_input, needs):
+def nested_linear_backward(grad_s, grad_ta, x_s, x_ta, weight, student_weight, n_s, m_s, one_input, needs, options):
     need_x_s, need_x_ta, need_w, need_b, need_ws, need_bs = needs
     t = grad_ta.shape[0]
     n_ta, m_ta = weight.shape
@@ -265,10 +407,14 @@ def nested_linear_backward(grad_s, grad_ta, x_s, x_ta, weight, student_weight, n
     w_s = weight[:n_s, :m_s] if shared else student_weight
     if one_input:
         x_s = x_ta[:, :m_s]
-    dx_s = _poisoned((t, m_s), grad_ta) if need_x_s else None
-    dx_ta = _poisoned((t, m_ta), grad_ta) if need_x_ta else None
-    dw = _poisoned((n_ta, m_ta), grad_ta) if need_w else None
-    dws = _poisoned((n_s, m_s), grad_ta) if need_ws else None
+
+    def empty(*shape, dtype=grad_ta.dtype):
+        return _poisoned(shape, grad_ta, dtype, options)
+
+    dx_s = empty(t, m_s) if need_x_s else None
+    dx_ta = empty(t, m_ta) if need_x_ta else None
+    dw = empty(n_ta, m_ta) if need_w else None
+    dws = empty(n_s, m_s) if need_ws else None
     if t == 0:
         return (
             dx_s, dx_ta,
@@ -279,38 +425,42 @@ def nested_linear_backward(grad_s, grad_ta, x_s, x_ta, weight, student_weight, n
         )
 
     # Input gradients: dx_ta = dy_ta W (+ dy_s W_S into its first M_S columns with one input).
+    launch = dict(options=options, token_axis=0)
     if need_x_ta and one_input:
         if shared:
-            nested_matmul(grad_ta, weight, dx_ta, sub_mode=ADD, sub_shape=(t, m_s, n_s), a2=grad_s, fold=True)
+            nested_matmul(grad_ta, weight, dx_ta, sub_mode=ADD, sub_shape=(t, m_s, n_s), a2=grad_s, fold=True, **launch)
         else:
-            nested_matmul(grad_ta, weight, dx_ta, sub_mode=ADD, sub_shape=(t, m_s, n_s), a2=grad_s, b2=w_s)
+            nested_matmul(grad_ta, weight, dx_ta, sub_mode=ADD, sub_shape=(t, m_s, n_s), a2=grad_s, b2=w_s, **launch)
     elif need_x_ta and need_x_s:
         nested_matmul(grad_ta, weight, dx_ta, sub_mode=SEPARATE, sub_shape=(t, m_s, n_s), a2=grad_s,
-                      b2=None if shared else w_s, out2=dx_s)
+                      b2=None if shared else w_s, out2=dx_s, **launch)
     elif need_x_ta:
-        nested_matmul(grad_ta, weight, dx_ta)
+        nested_matmul(grad_ta, weight, dx_ta, **launch)
     elif need_x_s:
-        nested_matmul(grad_s, w_s, dx_s)
+        nested_matmul(grad_s, w_s, dx_s, **launch)
 
     # Weight gradients: the kernel reads dy^T as A, so its row sums are the bias gradients.
-    db = grad_ta.new_empty(n_ta, dtype=torch.float32) if need_b else None
-    dbs = grad_ta.new_empty(n_s, dtype=torch.float32) if need_bs else None
+    # Tokens are the reduction, split when the output tiles cannot fill the GPU.
+    db = empty(n_ta, dtype=torch.float32) if need_b else None
+    dbs = empty(n_s, dtype=torch.float32) if need_bs else None
+    rows, cols = (n_ta, m_ta) if need_w else (n_s, m_s)
+    launch = dict(options=options, token_axis=2, split_k=choose_split_k(rows, cols, t, options.sm_count))
     if shared and need_w:
         nested_matmul(grad_ta.t(), x_ta, dw, sub_mode=ADD, sub_shape=(n_s, m_s, t), a2=grad_s.t(),
-                      b2=None if one_input else x_s, fold=one_input, row_sums=db)
+                      b2=None if one_input else x_s, fold=one_input, row_sums=db, **launch)
     elif need_w or need_ws:
         if need_w and need_ws:
             # One launch fills both bias gradients (or neither): scratch for an unneeded one.
             sums = (db, dbs) if need_b or need_bs else (None, None)
             if need_b != need_bs:
-                sums = (grad_ta.new_empty(n_ta, dtype=torch.float32) if db is None else db,
-                        grad_ta.new_empty(n_s, dtype=torch.float32) if dbs is None else dbs)
+                sums = (empty(n_ta, dtype=torch.float32) if db is None else db,
+                        empty(n_s, dtype=torch.float32) if dbs is None else dbs)
             nested_matmul(grad_ta.t(), x_ta, dw, sub_mode=SEPARATE, sub_shape=(n_s, m_s, t), a2=grad_s.t(), b2=x_s,
-                          out2=dws, row_sums=sums[0], row_sums2=sums[1])
+                          out2=dws, row_sums=sums[0], row_sums2=sums[1], **launch)
         elif need_w:
-            nested_matmul(grad_ta.t(), x_ta, dw, row_sums=db)
+            nested_matmul(grad_ta.t(), x_ta, dw, row_sums=db, **launch)
         else:
-            nested_matmul(grad_s.t(), x_s, dws, row_sums=dbs)
+            nested_matmul(grad_s.t(), x_s, dws, row_sums=dbs, **launch)
     if need_b and not need_w:
         db = grad_ta.sum(0, dtype=torch.float32)
         if shared:
@@ -322,9 +472,15 @@ def nested_linear_backward(grad_s, grad_ta, x_s, x_ta, weight, student_weight, n
     return dx_s, dx_ta, dw, db, dws, dbs
 
 
+# Operand kinds: (Triton dtype, element size, precision of tl.dot).
+_KINDS = (("bf16", 2, "ieee"), ("fp16", 2, "ieee"), ("fp32", 4, "tf32"), ("fp32", 4, "ieee"))
+
+
 def _register_compile_specs():
     """The launchable variants with every tile set, specialised as the JIT specialises them on
-    ordinary shapes: unit strides become constants, other sizes and strides multiples of 16."""
+    ordinary shapes: unit strides and a split count of 1 become constants, other sizes and
+    strides multiples of 16. Weight gradients are built with and without split-K, 64-bit
+    offsets with the largest tile."""
     pointers = ("a_ptr", "b_ptr", "c_ptr", "bias_ptr", "a2_ptr", "b2_ptr", "c2_ptr", "bias2_ptr")
     sizes = ("P", "Q", "R", "P2", "Q2", "R2")
     strides = ("stride_ap", "stride_ar", "stride_br", "stride_bq", "stride_cp", "stride_cq",
@@ -349,29 +505,57 @@ def _register_compile_specs():
         "grad_weight_unshared": ("grad_weight", dict(separate, SHARE_B=False, HAS_BIAS=False, HAS_BIAS2=False,
                                                      ROW_SUMS=True, ROW_SUMS2=True)),
     }
-    for dtype, element_size in (("bf16", 2), ("fp16", 2), ("fp32", 4)):
+    for dtype, element_size, precision in _KINDS:
+        configs = tile_configs(element_size, precision)
+        # fp16 builds bf16's code with another element type: its split-K and 64-bit variants
+        # are left to bf16's; fp32 without TF32 (off the default path) gets no 64-bit build.
+        extra = dtype != "fp16"
         for name, (kind, flags) in variants.items():
-            unit_strides = unit[kind]
-            signature = {p: f"*{dtype}" for p in pointers}
-            signature.update(sums_ptr="*fp32", sums2_ptr="*fp32")
-            signature.update({n: "constexpr" if n in unit_strides else "i32" for n in sizes + strides})
-            flags = {"ROW_SUMS": False, "ROW_SUMS2": False, **flags}
-            for config in _gpu_configs(element_size):
-                constexprs = {
-                    **{n: 1 for n in unit_strides}, **flags, "PRECISION": "tf32" if dtype == "fp32" else "ieee",
-                    "UPCAST": False, **config.kwargs,
-                }
-                signature.update({n: "constexpr" for n in constexprs})
-                tiles = "x".join(str(config.kwargs[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
-                register_compile_spec(CompileSpec(
-                    name=f"nested_linear.{name}.{dtype}.{tiles}.w{config.num_warps}s{config.num_stages}",
-                    fn=_nested_matmul_kernel.fn,
-                    signature=dict(signature),
-                    constexprs=constexprs,
-                    options={"num_warps": config.num_warps, "num_stages": config.num_stages},
-                    uses_dot=True,
-                    divisible=pointers + ("sums_ptr", "sums2_ptr") + tuple(n for n in sizes + strides if n not in unit_strides),
-                ))
+            for split in (False, True) if kind == "grad_weight" and extra else (False,):
+                for config in configs:
+                    int64_too = extra and precision == ("tf32" if dtype == "fp32" else "ieee") and config == configs[0]
+                    for int64 in (False, True) if int64_too else (False,):
+                        _register_nested_matmul_spec(
+                            name + ("_split_k" if split else ""), dtype, precision, config, flags, unit[kind],
+                            pointers, sizes, strides, split, int64)
+    for dtype in ("bf16", "fp16", "fp32"):
+        register_compile_spec(CompileSpec(
+            name=f"nested_linear.split_k_reduce.{dtype}",
+            fn=_split_k_reduce_kernel,
+            signature={"parts_ptr": "*fp32", "out_ptr": f"*{dtype}", "n": "i32", "SPLITS": "i32",
+                       "BLOCK": "constexpr"},
+            constexprs={"BLOCK": REDUCE_BLOCK},
+            options={"num_warps": 4},
+            divisible=("parts_ptr", "out_ptr", "n"),
+        ))
+
+
+def _register_nested_matmul_spec(name, dtype, precision, config, flags, unit_strides, pointers, sizes, strides,
+                                 split, int64):
+    m, n, k, warps, stages = config
+    signature = {p: f"*{dtype}" for p in pointers}
+    signature.update(sums_ptr="*fp32", sums2_ptr="*fp32", key_p="i32", key_q="i32", key_r="i32")
+    if split:  # the partial buffers are fp32
+        signature.update(c_ptr="*fp32", c2_ptr="*fp32")
+    signature.update({a: "constexpr" if a in unit_strides else "i32" for a in sizes + strides})
+    signature["SPLIT_K"] = "i32" if split else "constexpr"
+    constexprs = {
+        **{a: 1 for a in unit_strides}, "ROW_SUMS": False, "ROW_SUMS2": False, **flags, "PRECISION": precision,
+        "INTERPRETING": False, "INT64": int64, "BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": GROUP_M,
+    }
+    if not split:
+        constexprs["SPLIT_K"] = 1
+    signature.update({a: "constexpr" for a in constexprs})
+    kind = "tf32" if precision == "tf32" else dtype
+    register_compile_spec(CompileSpec(
+        name=f"nested_linear.{name}.{kind}.{m}x{n}x{k}.w{warps}s{stages}{'.int64' if int64 else ''}",
+        fn=_nested_matmul_kernel,
+        signature=signature,
+        constexprs=constexprs,
+        options={"num_warps": warps, "num_stages": stages},
+        uses_dot=precision == "tf32" or dtype != "fp32",  # an ieee fp32 dot runs on FMA units
+        divisible=pointers + ("sums_ptr", "sums2_ptr") + tuple(a for a in sizes + strides if a not in unit_strides),
+    ))
 
 
 _register_compile_specs()

@@ -3,6 +3,7 @@
     matta train   --out RUN_DIR [--model ...] [--data ...] [--mode ...] [--optimizer ...] ...
     matta extract --run RUN_DIR --spec student|ta|wide_narrow_wide:K|all --out DIR [--hf]
     matta eval    --run RUN_DIR [--models student,ta,family] [--tasks val,lambada:PATH,choice:PATH]
+    matta lm-eval --model matta --model_args run=RUN_DIR,stream=student --tasks ...   (lm-evaluation-harness)
     matta bench   [nested_linear loss shampoo models]
     matta study   --preset tiny|small|gpt2-medium --seeds N [--steps S | --tokens T] --out DIR [--arms ...] [--quick]
 
@@ -91,9 +92,9 @@ def cmd_train(args) -> int:
                 "or choose another --out"
             )
         shutil.rmtree(existing)
-    from .train.trainer import Run
+    from .train import train
 
-    Run(cfg, resume=resume).train()
+    train(cfg, resume=resume)
     return 0
 
 
@@ -124,8 +125,7 @@ def _parse_specs(text: str, depth: int) -> list[str]:
 
 def _models_for(model, specs):
     """(name, spec, plain model) for each spec; 'family' expands to the wide-narrow-wide family."""
-    from .extraction import extract
-    from .train.modeling import extracted_models
+    from .extraction import extract, extracted_models
 
     out = []
     for spec in specs:
@@ -146,15 +146,11 @@ def _models_for(model, specs):
     return unique
 
 
-def _depth(model) -> int:
-    return len(model.blocks) if hasattr(model, "blocks") else len(model.layers)
-
-
 def cmd_extract(args) -> int:
-    from .train.trainer import load_run
+    from .runs import load_run
 
     cfg, model, tokenizer = load_run(args.run)
-    specs = _parse_specs(args.spec, _depth(model))
+    specs = _parse_specs(args.spec, model.depth)
     out = Path(args.out)
     for name, spec, sub in _models_for(model, specs):
         folder = out / spec.replace(":", "_k")
@@ -180,12 +176,12 @@ def cmd_eval(args) -> int:
     import torch
 
     from .evaluation import LMScorer, lambada_accuracy, multiple_choice_accuracy, parse_tasks, perplexity, validation_loss
-    from .train.trainer import load_run
+    from .runs import load_run
 
     tasks = parse_tasks(args.tasks)
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     cfg, model, tokenizer = load_run(args.run, device)
-    specs = _parse_specs(args.models, _depth(model))
+    specs = _parse_specs(args.models, model.depth)
     val = None
     if any(kind == "val" for kind, _ in tasks):
         from .data import load_data
@@ -218,6 +214,25 @@ def cmd_eval(args) -> int:
     path = Path(args.run) / "eval.json"
     path.write_text(json.dumps({"tasks": args.tasks, "models": rows}, indent=2) + "\n")
     print(f"wrote {path}")
+    return 0
+
+
+def cmd_lm_eval(harness_args: list[str]) -> int:
+    """lm-evaluation-harness's own command line, run with matta registered as `--model matta`."""
+    try:
+        from . import lm_eval_model  # noqa: F401  registers the model
+    except ImportError as exc:
+        if exc.name != "lm_eval":
+            raise
+        raise CLIError(str(exc)) from None
+    from lm_eval.__main__ import cli_evaluate
+
+    saved = sys.argv
+    sys.argv = ["lm-eval", *harness_args]  # the harness reads its arguments from sys.argv
+    try:
+        cli_evaluate()
+    finally:
+        sys.argv = saved
     return 0
 
 
@@ -294,7 +309,7 @@ def _add_study_flags(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="matta", description="Matryoshka Teaching-Assistant (MatTA) training.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
-    sub = parser.add_subparsers(dest="command", metavar="{train,extract,eval,bench,study}", parser_class=_Parser)
+    sub = parser.add_subparsers(dest="command", metavar="{train,extract,eval,lm-eval,bench,study}", parser_class=_Parser)
     sub.required = True
 
     p = sub.add_parser("train", help="train a Student nested in a TA (defaults: a tiny GPT-2 on the builtin corpus)")
@@ -317,6 +332,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
 
+    sub.add_parser("lm-eval", add_help=False,
+                   help="run lm-evaluation-harness with matta registered (arguments as for `lm_eval`: "
+                        "--model matta --model_args run=RUN_DIR,stream=student --tasks ...)")
+
     p = sub.add_parser("bench", help="run the kernel microbenchmarks (benchmarks/bench_*.py) and print their tables")
     p.add_argument("names", nargs="*", help=f"which (default: {' '.join(KERNEL_BENCHMARKS)}; also models)")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -330,9 +349,13 @@ def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     parser = build_parser()
-    command = next((a for a in argv if a in ("train", "extract", "eval", "bench", "study")), None)
+    command = next((a for a in argv if a in ("train", "extract", "eval", "lm-eval", "bench", "study")), None)
     prog = f"matta {command}" if command else "matta"
     try:
+        if command == "lm-eval":  # everything after it belongs to the harness's own parser
+            at = argv.index("lm-eval")
+            parser.parse_args(argv[: at + 1])
+            return cmd_lm_eval(argv[at + 1 :])
         args = parser.parse_args(argv)
         args.argv = argv[argv.index(command) + 1 :] if command else []
         commands = {"train": cmd_train, "extract": cmd_extract, "eval": cmd_eval, "bench": cmd_bench, "study": cmd_study}

@@ -33,6 +33,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ._atomic import write_atomic, write_text_atomic
+
 BUILTIN = "builtin"
 STDLIB = "stdlib"
 # Folders of the standard library that are not its own source: test suites and installed packages.
@@ -363,15 +365,8 @@ def _cached_bpe(texts: list[str], vocab_size: int, name: str) -> BPETokenizer:
         except Exception:  # a damaged cache file is rebuilt, never trusted
             pass
     tok = BPETokenizer.train(texts, vocab_size)
-    _atomic_write_text(path, tok.to_json())
+    write_text_atomic(path, tok.to_json())
     return tok
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _cached_tokens(tokenizer, documents: list[str], text_key: str, name: str) -> np.ndarray:
@@ -385,11 +380,12 @@ def _cached_tokens(tokenizer, documents: list[str], text_key: str, name: str) ->
         except (OSError, ValueError):  # a damaged cache file is rebuilt, never trusted
             pass
     tokens = _encode_documents(tokenizer, documents)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        np.save(f, tokens)
-    os.replace(tmp, path)
+
+    def save(tmp):
+        with open(tmp, "wb") as f:
+            np.save(f, tokens)
+
+    write_atomic(path, save)
     return tokens
 
 

@@ -1,12 +1,17 @@
-"""Evaluation of causal language models: validation loss, zero-shot tasks, lm-eval adapter.
+"""Evaluation of causal language models: validation loss, log-likelihood scoring, tasks.
 
 Works on any module that maps token ids `(B, T)` to logits `(B, T, V)`, or to a tuple of
 such logits (a nested model's `(logits_s, logits_ta)`: pick one with `output=`).
 
-Task files are local JSONL in their public formats:
-- LAMBADA-style (`lambada:PATH`): `{"text": ...}` per line; the model must produce the
+- `LMScorer(model, tokenizer, block_size=...)` scores and generates text the way
+  lm-evaluation-harness asks (`loglikelihood`, `loglikelihood_rolling`, `generate_until`);
+  `load_scorer(path, stream)` builds one for a run directory or an extracted model folder.
+- lm-evaluation-harness: matta/lm_eval_model.py (the harness's model "matta", and
+  `make_lm_eval_adapter(scorer)` for a model in memory).
+- Task files for `matta eval` are local JSONL in their public formats:
+  LAMBADA-style (`lambada:PATH`): `{"text": ...}` per line; the model must produce the
   last word (all of its tokens, greedily) from the text before it.
-- multiple choice (`choice:PATH`): `{"context": ..., "choices": [...], "label": i}` per line
+  Multiple choice (`choice:PATH`): `{"context": ..., "choices": [...], "label": i}` per line
   (also HellaSwag's `ctx`/`endings`, ARC's `question`/`choices.text`/`answerKey` and
   BoolQ's `passage`/`question`/`answer`); each choice is scored by its log-likelihood,
   unnormalised (`acc`) and per character (`acc_norm`).
@@ -20,6 +25,17 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from .data import tokenizer_from_json
+from .extraction import extract
+from .hf import FORMAT_FILE, load_extracted
+from .runs import load_run
+
+__all__ = [
+    "LMScorer", "TaskError", "load_run", "load_scorer", "load_tokenizer", "tokenizer_from_json", "stream_model",
+    "generation_options", "validation_loss", "perplexity", "lambada_accuracy", "multiple_choice_accuracy",
+    "parse_tasks", "read_jsonl",
+]
 
 
 class TaskError(ValueError):
@@ -79,24 +95,42 @@ def perplexity(loss: float) -> float:
 
 
 class LMScorer:
-    """Log-likelihoods and greedy generation from a causal LM and its tokenizer.
+    """Log-likelihoods and generation from a causal LM and its tokenizer.
 
     The three methods follow lm-evaluation-harness's `LM` interface, on plain tuples:
     `loglikelihood([(context, continuation), ...]) -> [(logprob, is_greedy), ...]`,
     `loglikelihood_rolling([text, ...]) -> [logprob, ...]`,
-    `generate_until([(context, {"until": [...], "max_gen_toks": n}), ...]) -> [text, ...]`.
-    Inputs longer than `block_size` keep their last `block_size` tokens.
+    `generate_until([(context, {"until": [...], "max_gen_toks": n, ...}), ...]) -> [text, ...]`.
+
+    The model sees at most `block_size` tokens at once. A continuation longer than that is
+    scored in windows, as the harness's rolling log-likelihood is: every token predicted
+    once, each window holding as much of the preceding text as fits. Requests are scored in
+    batches of `batch_size` windows (`"auto"`: `max_batch_size`, halved until a batch of full
+    windows fits in memory); generation runs one request at a time. The scorer moves the
+    model to `device` and puts it in eval mode.
     """
 
-    def __init__(self, model, tokenizer, *, block_size: int, device=None, output=None, batch_size: int = 16):
+    def __init__(self, model, tokenizer, *, block_size: int, device=None, output=None, batch_size=16, max_batch_size: int = 64):
         if tokenizer is None:
             raise TaskError("this run has no tokenizer (pre-tokenised .bin data); train with --tokenizer gpt2 to evaluate tasks")
-        self.model = model
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(f"LMScorer needs a torch.nn.Module that maps token ids to logits, got {type(model).__name__}")
+        for name, value in (("block_size", block_size), ("max_batch_size", max_batch_size)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise TaskError(f"{name} must be a positive integer, got {value!r}")
+        if batch_size != "auto" and (not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1):
+            raise TaskError(f"batch_size must be a positive integer or 'auto', got {batch_size!r}")
+        positions = getattr(getattr(model, "config", None), "n_positions", None)
+        if isinstance(positions, int) and block_size > positions:
+            raise TaskError(f"block_size={block_size} exceeds the model's context of {positions} positions")
+        self.device = _device(device, model)
+        self.model = model.to(self.device).eval()
         self.tokenizer = tokenizer
         self.block_size = block_size
-        self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.output = output
         self.batch_size = batch_size
+        self.max_batch_size = max_batch_size
+        self._auto_batch_size = None
 
     def _encode_pair(self, context: str, continuation: str):
         # Whitespace belongs to the continuation's first token in a byte-level BPE.
@@ -105,76 +139,216 @@ class LMScorer:
         ctx_ids = self.tokenizer.encode(stripped) if stripped else [self.tokenizer.eot_id]
         return ctx_ids, self.tokenizer.encode(continuation)
 
-    @torch.no_grad()
-    def _continuation_scores(self, pairs):
-        """For (context_ids, continuation_ids) pairs: (sum logprob, greedy?) of each continuation."""
-        results = []
-        self.model.eval()
-        for i in range(0, len(pairs), self.batch_size):
-            chunk = pairs[i : i + self.batch_size]
-            seqs, spans = [], []
-            for ctx, cont in chunk:
-                if not cont:
-                    raise TaskError("an empty continuation cannot be scored; check the task file")
-                full = (ctx + cont)[-(self.block_size + 1) :]
-                seqs.append(full[:-1])
-                spans.append((min(len(cont), len(full) - 1), full))
-            width = max(len(s) for s in seqs)
-            idx = torch.zeros(len(seqs), width, dtype=torch.long)
-            for r, s in enumerate(seqs):
-                idx[r, : len(s)] = torch.tensor(s)
-            logp = F.log_softmax(_logits(self.model, idx.to(self.device), self.output).float(), dim=-1).cpu()
-            for r, (n, full) in enumerate(spans):
-                end = len(seqs[r])
-                rows = logp[r, end - n : end]
-                target = torch.tensor(full[-n:])
-                results.append(
-                    (rows.gather(1, target[:, None]).sum().item(), bool((rows.argmax(-1) == target).all()))
-                )
-        return results
-
-    def loglikelihood(self, requests):
-        return self._continuation_scores([self._encode_pair(c, x) for c, x in requests])
-
-    def loglikelihood_rolling(self, texts):
-        out = []
-        for text in texts:
-            ids = [self.tokenizer.eot_id] + self.tokenizer.encode(text)
-            total = 0.0
-            # Non-overlapping windows: each token is predicted once, with up to block_size context.
-            for start in range(1, len(ids), self.block_size):
-                window = ids[max(0, start - self.block_size) : start + self.block_size]
-                n_new = min(self.block_size, len(ids) - start)
-                ctx, cont = window[: len(window) - n_new], window[len(window) - n_new :]
-                total += self._continuation_scores([(ctx, cont)])[0][0]
-            out.append(total)
-        return out
+    def _windows(self, ctx: list, cont: list):
+        """(input ids, target ids) windows that predict each token of `cont` once."""
+        seq = ctx + cont
+        for start in range(len(ctx), len(seq), self.block_size):
+            end = min(start + self.block_size, len(seq))
+            yield seq[max(0, end - 1 - self.block_size) : end - 1], seq[start:end]
 
     @torch.no_grad()
-    def generate_until(self, requests):
+    def _score_windows(self, windows):
+        """(sum of target log-probabilities, all targets greedy?) for each (input, targets) window."""
+        width = max(len(inp) for inp, _ in windows)
+        idx = torch.zeros(len(windows), width, dtype=torch.long)
+        for r, (inp, _) in enumerate(windows):
+            idx[r, : len(inp)] = torch.tensor(inp)
+        logits = _logits(self.model, idx.to(self.device), self.output)
+        sums, greedy = [], []
+        for r, (inp, tgt) in enumerate(windows):
+            logp = logits[r, len(inp) - len(tgt) : len(inp)].float().log_softmax(-1)
+            target = torch.tensor(tgt, device=logp.device)
+            sums.append(logp.gather(1, target[:, None]).sum())
+            greedy.append((logp.argmax(-1) == target).all())
+        return list(zip(torch.stack(sums).tolist(), torch.stack(greedy).tolist()))
+
+    def _resolved_batch_size(self) -> int:
+        if self.batch_size != "auto":
+            return self.batch_size
+        if self._auto_batch_size is None:
+            size = self.max_batch_size
+            widest = ([0] * self.block_size, [0] * self.block_size)  # every position scored
+            while True:
+                try:
+                    self._score_windows([widest] * size)
+                    break
+                except (torch.cuda.OutOfMemoryError, MemoryError):
+                    if size == 1:
+                        raise
+                    size //= 2
+                    if self.device.type == "cuda":
+                        torch.cuda.empty_cache()
+            self._auto_batch_size = size
+        return self._auto_batch_size
+
+    def _score(self, pairs, progress: bool, desc: str):
+        """(sum log-probability, greedy?) of each (context ids, continuation ids) pair."""
+        windows = [(i, inp, tgt) for i, (ctx, cont) in enumerate(pairs) for inp, tgt in self._windows(ctx, cont)]
+        windows.sort(key=lambda w: -len(w[1]))  # similar widths batch together
+        totals, greedy = [0.0] * len(pairs), [True] * len(pairs)
+        size = self._resolved_batch_size() if windows else 1
+        for lo in _progress(range(0, len(windows), size), progress, desc):
+            chunk = windows[lo : lo + size]
+            for (i, _, _), (lp, g) in zip(chunk, self._score_windows([(inp, tgt) for _, inp, tgt in chunk])):
+                totals[i] += lp
+                greedy[i] = greedy[i] and g
+        return list(zip(totals, greedy))
+
+    def loglikelihood(self, requests, *, progress: bool = False):
+        pairs = [self._encode_pair(c, x) for c, x in requests]
+        if any(not cont for _, cont in pairs):
+            raise TaskError("an empty continuation cannot be scored; check the task file")
+        return self._score(pairs, progress, "loglikelihood")
+
+    def loglikelihood_rolling(self, texts, *, progress: bool = False):
+        pairs = [([self.tokenizer.eot_id], self.tokenizer.encode(text)) for text in texts]
+        return [lp for lp, _ in self._score(pairs, progress, "loglikelihood_rolling")]
+
+    @torch.no_grad()
+    def generate_until(self, requests, *, progress: bool = False):
         out = []
-        self.model.eval()
-        for context, kwargs in requests:
-            kwargs = dict(kwargs or {})
-            until = kwargs.get("until") or []
-            until = [until] if isinstance(until, str) else list(until)
-            max_new = int(kwargs.get("max_gen_toks", 64))
-            ids = self.tokenizer.encode(context) or [self.tokenizer.eot_id]
+        eot = self.tokenizer.eot_id
+        for context, options in _progress(requests, progress, "generate_until"):
+            until, max_new, temperature = generation_options(options)
+            ids = self.tokenizer.encode(context) or [eot]
             new: list[int] = []
             text = ""
             for _ in range(max_new):
                 window = torch.tensor([(ids + new)[-self.block_size :]], device=self.device)
-                nxt = int(_logits(self.model, window, self.output)[0, -1].argmax())
-                if nxt == self.tokenizer.eot_id:
+                last = _logits(self.model, window, self.output)[0, -1].float()
+                if temperature is None:
+                    nxt = int(last.argmax())
+                else:
+                    nxt = int(torch.multinomial(torch.softmax(last / temperature, -1), 1))
+                if nxt == eot:
                     break
                 new.append(nxt)
                 text = self.tokenizer.decode(new)
                 if any(stop in text for stop in until):
                     break
-            for stop in until:
-                text = text.split(stop)[0]
-            out.append(text)
+            out.append(text[: min([text.find(s) for s in until if s in text], default=len(text))])
         return out
+
+
+GENERATION_OPTIONS = ("until", "max_gen_toks", "do_sample", "temperature")
+DEFAULT_MAX_GEN_TOKS = 256
+
+
+def generation_options(options) -> tuple[list[str], int, float | None]:
+    """(stop strings, token budget, sampling temperature or None for greedy) from the
+    harness's generation kwargs; anything else is refused rather than ignored."""
+    options = dict(options or {})
+    unknown = sorted(set(options) - set(GENERATION_OPTIONS))
+    if unknown:
+        raise TaskError(f"generation options {unknown} are not supported; matta generates with {', '.join(GENERATION_OPTIONS)}")
+    until = options.get("until") or []
+    until = [until] if isinstance(until, str) else list(until)
+    if not all(isinstance(s, str) and s for s in until):
+        raise TaskError(f"'until' must be a string or a list of non-empty strings, got {options.get('until')!r}")
+    max_new = options.get("max_gen_toks", DEFAULT_MAX_GEN_TOKS)
+    if not isinstance(max_new, int) or isinstance(max_new, bool) or max_new < 0:
+        raise TaskError(f"max_gen_toks must be an integer >= 0, got {max_new!r}")
+    temperature = options.get("temperature")
+    if options.get("do_sample"):
+        temperature = 1.0 if temperature is None else float(temperature)
+        if not temperature > 0:
+            raise TaskError(f"do_sample=True needs temperature > 0, got {temperature}; use do_sample=False for greedy decoding")
+        return until, max_new, temperature
+    if temperature not in (None, 0, 0.0):
+        raise TaskError(
+            f"temperature={temperature} without do_sample=True: pass do_sample=True to sample, or temperature=0 for greedy"
+        )
+    return until, max_new, None
+
+
+def _device(device, model) -> torch.device:
+    if device is None:
+        return next(model.parameters()).device
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise TaskError(f"device={device} but no CUDA device is available; pass device=cpu")
+    return device
+
+
+def _progress(items, enabled: bool, desc: str):
+    if not enabled:
+        return items
+    from tqdm import tqdm
+
+    return tqdm(items, desc=desc)
+
+
+# ----------------------------------------------------------------------------------------
+# Models and tokenizers from disk
+
+
+def load_tokenizer(folder):
+    """The tokenizer saved beside a model: a run directory's `tokenizer.json` or the
+    `matta_tokenizer.json` that `matta extract` writes; None when there is none."""
+    for name in ("tokenizer.json", "matta_tokenizer.json"):
+        path = Path(folder) / name
+        if path.is_file():
+            return tokenizer_from_json(path.read_text())
+    return None
+
+
+def stream_model(model, stream: str = "student"):
+    """The plain model a stream spec names, cut out of a nested model: `student`, `ta`,
+    `wide_narrow_wide:K`, or one `wide`/`narrow`/`skip` per TA layer joined by `/`."""
+    if not isinstance(stream, str) or not stream:
+        raise TaskError(f"stream must be student, ta, wide_narrow_wide:K or a per-layer list like wide/narrow/wide, got {stream!r}")
+    try:
+        if stream in ("student", "ta"):
+            return extract(model, stream)
+        if stream.startswith("wide_narrow_wide:"):
+            k = stream.split(":", 1)[1]
+            if not k.isdigit():
+                raise ValueError(f"K in {stream!r} must be an even number of wide layers")
+            return extract(model, "wide_narrow_wide", k=int(k))
+        if "/" in stream:
+            return extract(model, stream.split("/"))
+    except ValueError as exc:
+        raise TaskError(f"stream={stream}: {exc}") from None
+    raise TaskError(f"unknown stream {stream!r}; use student, ta, wide_narrow_wide:K or a per-layer list like wide/narrow/wide")
+
+
+def load_scorer(path, stream: str | None = None, *, device=None, batch_size=16, max_batch_size: int = 64,
+                max_length: int | None = None) -> LMScorer:
+    """An LMScorer for one model on disk: a stream of a `matta train` run directory (default
+    the Student), or a folder written by `matta extract` (matta's format or, with --hf,
+    Hugging Face GPT-2's). The context window is the run's block size, or for a folder the
+    model's n_positions; `max_length` lowers it. `device` None: CUDA when available."""
+    path = Path(path)
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if (path / "config.json").is_file() and (path / "checkpoints").is_dir():
+        cfg, nested, tokenizer = load_run(path, "cpu")
+        model, window = stream_model(nested, stream or "student"), cfg.block_size
+    else:
+        if stream is not None:
+            raise TaskError(f"{path} holds one extracted model; drop stream= (it picks a model out of a run directory)")
+        if (path / FORMAT_FILE).is_file():
+            model = load_extracted(path)
+        elif (path / "config.json").is_file() and (path / "model.safetensors").is_file():
+            from .models import load_hf_gpt2
+
+            model = load_hf_gpt2(path)
+        else:
+            raise TaskError(
+                f"{path} is neither a matta run directory (config.json and checkpoints/) nor a model folder "
+                "written by `matta extract`"
+            )
+        tokenizer = load_tokenizer(path)
+        if tokenizer is None:
+            raise TaskError(f"{path} has no matta_tokenizer.json; `matta extract` writes it beside the model it extracts")
+        window = model.config.n_positions
+    if max_length is not None:
+        limit = model.config.n_positions
+        if not isinstance(max_length, int) or isinstance(max_length, bool) or not 1 <= max_length <= limit:
+            raise TaskError(f"max_length must be an integer from 1 to the model's {limit} positions, got {max_length!r}")
+        window = max_length
+    return LMScorer(model, tokenizer, block_size=window, device=device, batch_size=batch_size,
+                    max_batch_size=max_batch_size)
 
 
 def read_jsonl(path) -> list[dict]:
@@ -271,31 +445,3 @@ def parse_tasks(spec: str) -> list[tuple[str, str | None]]:
     if not tasks:
         raise TaskError("no tasks given; use --tasks val,lambada:PATH,choice:PATH")
     return tasks
-
-
-def make_lm_eval_adapter(scorer: LMScorer):
-    """An `lm_eval.api.model.LM` that evaluates `scorer`'s model with lm-evaluation-harness.
-
-    Usage: `lm_eval.simple_evaluate(model=make_lm_eval_adapter(scorer), tasks=[...])`.
-    Needs `lm_eval` installed (it is not a dependency of matta).
-    """
-    try:
-        from lm_eval.api.model import LM
-    except ImportError:
-        raise ImportError("the lm-eval adapter needs lm-evaluation-harness: pip install lm_eval") from None
-
-    class MattaLM(LM):
-        def __init__(self):
-            super().__init__()
-            self.scorer = scorer
-
-        def loglikelihood(self, requests, disable_tqdm: bool = False):
-            return self.scorer.loglikelihood([tuple(r.args[:2]) for r in requests])
-
-        def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
-            return self.scorer.loglikelihood_rolling([r.args[0] for r in requests])
-
-        def generate_until(self, requests, disable_tqdm: bool = False):
-            return self.scorer.generate_until([(r.args[0], r.args[1]) for r in requests])
-
-    return MattaLM()

@@ -17,8 +17,8 @@ from typing import NamedTuple, Sequence
 
 import torch
 
-from .models import GAU, GPT2, NestedGAU, NestedGPT2
 from .layers.nested_linear import plain_linear
+from .models import GAU, GPT2, NestedGAU, NestedGPT2, NestedLM
 from .models.gau import GAULayerShape, gau_num_parameters
 from .models.gpt2 import BlockShape, gpt2_num_parameters
 from .nestify import Nestified
@@ -35,10 +35,6 @@ class SubModelSpec(NamedTuple):
     non_embedding_parameters: int
 
 
-def _ta_depth(model) -> int:
-    return len(model.blocks)
-
-
 def wide_narrow_wide(n_layers: int, k: int) -> tuple[str, ...]:
     """The lowest k/2 and the highest k/2 of n_layers layers wide, the rest narrow."""
     if not isinstance(k, int) or isinstance(k, bool) or k < 0 or k > n_layers or k % 2:
@@ -49,9 +45,9 @@ def wide_narrow_wide(n_layers: int, k: int) -> tuple[str, ...]:
 
 def layer_choices(model, layers="student", *, k=None) -> tuple[str, ...]:
     """One of LAYER_CHOICES per layer of the TA's stack, for a preset name or a list."""
-    if not isinstance(model, (NestedGPT2, NestedGAU)):
-        raise TypeError(f"layer_choices needs a NestedGPT2 or NestedGAU, got {type(model).__name__}")
-    depth = _ta_depth(model)
+    if not isinstance(model, NestedLM):
+        raise TypeError(f"layer_choices needs a nested model (a NestedGPT2 or NestedGAU), got {type(model).__name__}")
+    depth = model.depth
     if not model.nest.share_weights and layers not in ("student", "ta"):
         raise ValueError(
             f"a model with an unshared Student (NestingConfig(share_weights=False)) offers only 'student' and "
@@ -198,34 +194,62 @@ def extract(model, layers="student", *, k=None, d_model=None):
         if layers not in ("student", "ta") or k is not None or d_model is not None:
             raise ValueError(f"a nestified model offers only 'student' and 'ta', got layers={layers!r}")
         return model.student() if layers == "student" else model.ta()
-    choices = layer_choices(model, layers, k=k)
-    if layers == "student":
-        d_model = "narrow" if d_model is None else d_model
-    d = _residual_width(model, choices, d_model)
-    if isinstance(model, NestedGPT2):
-        return _extract_gpt2(model, choices, d)
-    return _extract_gau(model, choices, d)
+    extract_as, _, choices, d = _resolve(model, layers, k, d_model)
+    return extract_as(model, choices, d)
 
 
 def num_parameters_of(model, layers="student", *, k=None, d_model=None, non_embedding=True) -> int:
     """Parameter count of `extract(model, layers, ...)` without building it."""
+    _, count, choices, d = _resolve(model, layers, k, d_model)
+    return count(model, choices, d, non_embedding)
+
+
+def _count_gpt2(model, choices, d, non_embedding):
+    return gpt2_num_parameters(*_gpt2_plan(model, choices, d), non_embedding=non_embedding)
+
+
+def _count_gau(model, choices, d, non_embedding):
+    return gau_num_parameters(*_gau_plan(model, choices, d), non_embedding=non_embedding)
+
+
+# Per family: how to extract a model, and how to count its parameters without building it.
+_FAMILIES = ((NestedGPT2, _extract_gpt2, _count_gpt2), (NestedGAU, _extract_gau, _count_gau))
+
+
+def _resolve(model, layers, k, d_model):
+    """(extract function, count function, layer choices, residual width) for a request."""
     choices = layer_choices(model, layers, k=k)
     if layers == "student":
         d_model = "narrow" if d_model is None else d_model
     d = _residual_width(model, choices, d_model)
-    if isinstance(model, NestedGPT2):
-        return gpt2_num_parameters(*_gpt2_plan(model, choices, d), non_embedding=non_embedding)
-    return gau_num_parameters(*_gau_plan(model, choices, d), non_embedding=non_embedding)
+    for cls, extract_as, count in _FAMILIES:
+        if isinstance(model, cls):
+            return extract_as, count, choices, d
+    raise TypeError(f"extract knows NestedGPT2 and NestedGAU, not {type(model).__name__}")
 
 
 def wide_narrow_wide_family(model, ks: Sequence[int] | None = None, *, d_model=None) -> list[SubModelSpec]:
     """The wide-narrow-wide sub-models (paper 4.2.3, Figure 5's x axis): for each even k
     (default every even k from 0 to the TA's depth), the layer choices and the
     non-embedding parameter count of the extracted model."""
-    ks = range(0, _ta_depth(model) + 1, 2) if ks is None else ks
+    ks = range(0, model.depth + 1, 2) if ks is None else ks
     family = []
     for k in ks:
         choices = layer_choices(model, "wide_narrow_wide", k=k)
         count = num_parameters_of(model, choices, d_model=d_model)
         family.append(SubModelSpec(k, choices, count))
     return family
+
+
+def extracted_models(model, family: bool = True):
+    """Yields (display name, spec, plain model): the Student, the TA, then (with `family`)
+    the wide-narrow-wide members that differ from both. Specs are what `matta extract
+    --spec` takes: "student", "ta", "wide_narrow_wide:K"."""
+    yield "Student", "student", extract(model, "student")
+    yield "TA", "ta", extract(model, "ta")
+    if not family:
+        return
+    known = {layer_choices(model, "student"), layer_choices(model, "ta")}
+    for member in wide_narrow_wide_family(model):
+        if member.layers not in known:
+            yield f"wide-narrow-wide k={member.k}", f"wide_narrow_wide:{member.k}", extract(model, list(member.layers))

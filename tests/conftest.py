@@ -3,16 +3,23 @@
 Tests run on the CPU by default. There the Triton kernels run through Triton's interpreter,
 which must be switched on before any kernel module is imported, so it is done here, first.
 On a GPU machine `MATTA_TEST_DEVICE=cuda` runs the same tests on compiled kernels.
+Tests that pin the GPU's tile shapes set `MATTA_INTERPRET_TILES` themselves (with
+`monkeypatch`), so one session runs the interpreter's default tiles and every GPU tile shape.
 
 Every test gets fresh random inputs: the seed is drawn anew and printed, so a failure
 shows it; `MATTA_TEST_SEED=N` replays one.
 """
+import contextlib
 import os
 import random
 
 TEST_DEVICE = os.environ.get("MATTA_TEST_DEVICE", "cpu")
 if TEST_DEVICE == "cpu":
     os.environ.setdefault("TRITON_INTERPRET", "1")
+    # The interpreter runs each tl.dot as a small numpy matmul; OpenBLAS threads on such
+    # products only contend with the other test worker (measured: 16 ms vs 0.04 ms for a
+    # 128x64x128 tile on a loaded 2-core machine). Read when numpy loads, so set it first.
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -41,6 +48,46 @@ def backend(request, monkeypatch):
         pytest.importorskip("triton")
     monkeypatch.setenv("MATTA_BACKEND", request.param)
     return request.param
+
+
+@contextlib.contextmanager
+def launches(expected, *names):
+    """`with launches(expected, "kernel_name", ...):` fails unless each named kernel launched
+    inside the block (expected True) or none did (expected False), so a case that silently
+    took the other backend cannot pass as coverage of this one."""
+    from matta.kernels import LAUNCH_COUNTS
+
+    before = {name: LAUNCH_COUNTS[name] for name in names}
+    yield
+    for name in names:
+        launched = LAUNCH_COUNTS[name] - before[name]
+        assert (launched > 0) == bool(expected), f"{name} launched {launched} times; expected a launch: {expected}"
+
+
+@pytest.fixture
+def check_launches():
+    return launches
+
+
+@pytest.fixture(autouse=TEST_DEVICE == "cpu")
+def bf16_rounds_to_nearest(monkeypatch):
+    """The Triton interpreter truncates fp32 -> bf16 where a GPU's cast rounds to nearest
+    even, which doubles a kernel's bf16 rounding error on a CPU; this makes the interpreter
+    round as a GPU does, so the 2x-PyTorch's-error bound tests the kernel, not the interpreter."""
+    interpreter = pytest.importorskip("triton.runtime.interpreter")
+    import numpy as np
+    import triton.language as tl
+
+    real = interpreter._convert_float
+
+    def convert(data, input_dtype, output_dtype, rounding_mode):
+        if input_dtype != tl.float32 or output_dtype != tl.bfloat16:
+            return real(data, input_dtype, output_dtype, rounding_mode)
+        bits = np.ascontiguousarray(data, dtype=np.float32).view(np.uint32).astype(np.uint64)
+        rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
+        return np.where(np.isnan(data), np.uint16(0x7FC0), rounded)
+
+    monkeypatch.setattr(interpreter, "_convert_float", convert)
 
 
 @pytest.fixture

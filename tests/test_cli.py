@@ -74,7 +74,7 @@ def test_end_to_end_train_extract_eval(tmp_path, corpus):
 
     from matta.extraction import extract
     from matta.hf import load_extracted
-    from matta.train.trainer import load_run
+    from matta.runs import load_run
 
     _, nested, _ = load_run(run)
     student = load_extracted(models / "student")
@@ -134,6 +134,9 @@ def test_resume_continues_a_finished_run(trained, tmp_path, capsys):
         (["train", "--frobnicate"], "unrecognized arguments"),
         (["train", "--max-steps", "3", "--tokens", "100"], "not both"),
         (["train", "--loss-weights", "1,2"], "three numbers"),
+        (["train", "--parallel", "fsdp", "--optimizer", "shampoo"], "--parallel fsdp works with --optimizer adamw only"),
+        (["train", "--parallel", "zero3"], "invalid choice"),
+        (["train", "--threads", "-1"], "--threads must be >= 0"),
         ([], "required"),
         (["extract", "--spec", "student"], "required"),
     ],

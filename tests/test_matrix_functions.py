@@ -187,16 +187,22 @@ def test_newton_scaling_estimate_bounds_the_spectrum(device):
 # The Triton kernel (interpreter on CPU, compiled on a GPU)
 
 
-@pytest.mark.parametrize("n", [1, 8, 13, 32])
-@pytest.mark.parametrize("root", [2, 4])
+# n -> the kernel's block: 1, 13, 64 -> 64 and 77, 128 -> 128 (both blocks a GPU runs, with
+# padding and without), each root in each block; 3 matrices on the interpreter's 2 programs,
+# so one program roots two matrices in turn through its scratch.
+@pytest.mark.parametrize("n, root", [(1, 2), (13, 4), (64, 2), (77, 4), (128, 2)])
 def test_triton_newton_kernel_matches_oracle_and_torch(n, root, device):
     pytest.importorskip("triton")
-    from matta.kernels import newton_root
+    from matta.kernels import LAUNCH_COUNTS, newton_root
+    from matta.ops.backend import triton_interpreting
 
     a = mf._with_epsilon(random_spd(3, n, 1e3, device), 0.0)
     z = ((root + 1.0) / (2.0 * mf.largest_eigenvalue_estimate(a))).contiguous()
     poisoned = torch.full_like(a, float("nan"))
-    x, residual, iterations = newton_root.newton_inverse_root(a.contiguous(), z, root, 100, 1e-6, x=poisoned)
+    launches = LAUNCH_COUNTS["newton_inverse_root"]
+    x, residual, iterations = newton_root.newton_inverse_root(a.contiguous(), z, root, 100, 1e-6, x=poisoned,
+                                                              interpreting=triton_interpreting())
+    assert LAUNCH_COUNTS["newton_inverse_root"] == launches + 1
     x_torch, residual_torch, _ = mf._newton_root_torch(a, z, root, 100, 1e-6)
     ref = matrix_inverse_root_reference(a, root=root)
     assert torch.isfinite(x).all()
@@ -205,16 +211,32 @@ def test_triton_newton_kernel_matches_oracle_and_torch(n, root, device):
     assert ((iterations > 0) | (n == 1)).all() and (iterations <= 100).all()
 
 
-def test_newton_dispatches_to_triton_when_forced(backend, device, monkeypatch):
+def test_triton_newton_kernel_follows_torch_step_by_step(device):
+    """After each of the first iterations the kernel's X equals the PyTorch iteration's: every
+    product of the panel/slice schedule is right before convergence can hide a slip."""
     pytest.importorskip("triton")
     from matta.kernels import newton_root
+    from matta.ops.backend import triton_interpreting
 
-    launches = []
-    real = newton_root.newton_inverse_root
-    monkeypatch.setattr(newton_root, "newton_inverse_root", lambda *args, **kw: launches.append(1) or real(*args, **kw))
+    a = mf._with_epsilon(random_spd(2, 70, 1e2, device), 0.0)
+    z = (5.0 / (2.0 * mf.largest_eigenvalue_estimate(a))).contiguous()
+    for steps in (1, 3):
+        x, _, iterations = newton_root.newton_inverse_root(a.contiguous(), z, 4, steps, 0.0,
+                                                           interpreting=triton_interpreting())
+        x_torch, _, iterations_torch = mf._newton_root_torch(a, z, 4, steps, 0.0)
+        assert (iterations == steps).all() and (iterations_torch == steps).all()
+        assert rel_error(x, x_torch) <= 1e-5
+
+
+def test_newton_dispatches_to_triton_when_forced(backend, device):
+    pytest.importorskip("triton")
+    from matta.kernels import LAUNCH_COUNTS
+
+    launches = LAUNCH_COUNTS["newton_inverse_root"]
     a = random_spd(2, 10, 100.0, device)
     x = matrix_inverse_root(a, epsilon=0.0, method="newton")
-    assert bool(launches) == (backend == "triton" or device.type == "cuda" and backend != "torch")
+    launched = LAUNCH_COUNTS["newton_inverse_root"] > launches
+    assert launched == (backend == "triton" or device.type == "cuda" and backend != "torch")
     assert rel_error(x, matrix_inverse_root_reference(a)) <= 1e-4
 
 

@@ -77,8 +77,7 @@ def perturb_(model, scale=0.05):
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * scale)
-        if hasattr(model, "wte"):
-            model.wte.weight[model.config.vocab_size :].zero_()
+        model.wte.weight[model.config.vocab_size :].zero_()
 
 
 def tiny_config(**changes):

@@ -1,6 +1,11 @@
 """The training loop on tiny models: modes, optimizers, schedule, accumulation, exact resume, Teacher."""
+import contextlib
+import dataclasses
 import json
 import math
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -8,10 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from matta.data import load_data
-from matta.train import modeling
-from matta.train.config import make_config
-from matta.train.schedule import distill_ramp, learning_rate
-from matta.train.trainer import Run, load_run
+from matta.runs import load_run
+from matta.train import Run, latest_checkpoint, learning_rate, load_checkpoint, make_config, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -53,15 +56,6 @@ def test_learning_rate_schedule():
     assert decay == sorted(decay, reverse=True)
 
 
-def test_distillation_ramp():
-    assert distill_ramp(None, start=5, steps=10) == 1.0
-    assert distill_ramp(4, start=5, steps=10) == 0.0
-    assert distill_ramp(10, start=5, steps=10) == pytest.approx(0.5)
-    assert distill_ramp(15, start=5, steps=10) == 1.0 and distill_ramp(99, start=5, steps=10) == 1.0
-    assert distill_ramp(10, start=5, steps=10, shape="sigmoid") == pytest.approx(math.exp(-5 * 0.25))
-    assert distill_ramp(5, start=5, steps=0) == 1.0
-
-
 @pytest.mark.parametrize("mode", ["matta", "student", "ta"])
 @pytest.mark.parametrize("optimizer", ["adamw", "shampoo"])
 def test_modes_and_optimizers_train_end_to_end(tmp_path, corpus, mode, optimizer):
@@ -80,9 +74,12 @@ def test_modes_and_optimizers_train_end_to_end(tmp_path, corpus, mode, optimizer
     trained = {"matta": ("loss_student", "loss_ta"), "student": ("loss_student",), "ta": ("loss_ta",)}[mode]
     assert sum(records[-1][k] for k in trained) < sum(records[0][k] for k in trained)
     names = [m["name"] for m in results["models"]]
-    assert names[:2] == ["Student", "TA"] and any(n.startswith("wide-narrow-wide") for n in names)
-    params = {m["name"]: m["params"] for m in results["models"]}
-    assert params["Student"] < params["TA"]
+    if mode == "student":  # the rest of the TA was never trained, so only the Student is reported
+        assert names == ["Student"]
+    else:
+        assert names[:2] == ["Student", "TA"] and any(n.startswith("wide-narrow-wide") for n in names)
+        params = {m["name"]: m["params"] for m in results["models"]}
+        assert params["Student"] < params["TA"]
     assert (run_dir / "report.png").stat().st_size > 10_000
     assert json.loads((run_dir / "config.json").read_text())["mode"] == mode
 
@@ -112,10 +109,9 @@ def test_gradient_accumulation_matches_the_full_batch(tmp_path, corpus):
         torch.testing.assert_close(q, p, rtol=1e-3, atol=1e-5, msg=name)
 
 
-@pytest.mark.parametrize("optimizer", ["adamw", "shampoo"])
-def test_resume_equals_uninterrupted(tmp_path, corpus, monkeypatch, optimizer):
-    common = dict(max_steps=6, checkpoint_interval=3, optimizer=optimizer, precondition_frequency=2,
-                  start_preconditioning_step=2, family=False, dropout=0.1)
+def crash_and_resume(tmp_path, corpus, monkeypatch, busy=None, **common):
+    """An uninterrupted run, and one killed after step 4 (checkpoint at 3) then resumed
+    (with `busy` entered around the broken run and the resume); returns both Runs."""
     straight = Run(tiny(tmp_path, corpus, "straight", **common))
     straight.train()
 
@@ -127,18 +123,148 @@ def test_resume_equals_uninterrupted(tmp_path, corpus, monkeypatch, optimizer):
             raise KeyboardInterrupt
         return real_step(self)
 
-    monkeypatch.setattr(Run, "train_step", crash_after_4)
-    with pytest.raises(KeyboardInterrupt):
-        Run(cfg).train()
-    monkeypatch.setattr(Run, "train_step", real_step)
-    assert [r["step"] for r in train_records(tmp_path / "broken")] == [1, 2, 3, 4]
-    resumed = Run(cfg, resume=True)
-    resumed.train()
+    with busy if busy is not None else contextlib.nullcontext():
+        monkeypatch.setattr(Run, "train_step", crash_after_4)
+        with pytest.raises(KeyboardInterrupt):
+            Run(cfg).train()
+        monkeypatch.setattr(Run, "train_step", real_step)
+        assert [r["step"] for r in train_records(tmp_path / "broken")] == [1, 2, 3, 4]
+        resumed = Run(dataclasses.replace(cfg, threads=None), resume=True)  # the thread count comes from the run
+        resumed.train()
     a, b = train_records(tmp_path / "straight"), train_records(tmp_path / "broken")
     assert [r["step"] for r in b] == [1, 2, 3, 4, 5, 6]
     assert [r["loss"] for r in a] == [r["loss"] for r in b]  # bit-identical
     for p, q in zip(straight.model.parameters(), resumed.model.parameters()):
         assert torch.equal(p, q)
+    return straight, resumed
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "shampoo"])
+def test_resume_equals_uninterrupted(tmp_path, corpus, monkeypatch, optimizer):
+    crash_and_resume(tmp_path, corpus, monkeypatch, max_steps=6, checkpoint_interval=3, optimizer=optimizer,
+                     precondition_frequency=2, start_preconditioning_step=2, family=False, dropout=0.1)
+
+
+@contextlib.contextmanager
+def busy_machine():
+    """Every core kept busy by another process (what other jobs on a shared machine do)."""
+    burners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(os.cpu_count() or 2)]
+    try:
+        yield
+    finally:
+        for p in burners:
+            p.kill()
+            p.wait()
+
+
+def test_resume_equals_uninterrupted_on_a_busy_machine(tmp_path, corpus, monkeypatch):
+    # Two threads: OpenMP's split of the work, and so the rounding, follows the thread count;
+    # the count is fixed by the run (config.json), not by the load, so the numbers are too.
+    straight, resumed = crash_and_resume(tmp_path, corpus, monkeypatch, busy=busy_machine(), max_steps=6,
+                                         checkpoint_interval=3, threads=2, family=False, dropout=0.1)
+    assert resumed.cfg.threads == 2 and json.loads((tmp_path / "broken" / "config.json").read_text())["threads"] == 2
+
+
+def test_thread_count_is_recorded_and_reused(tmp_path, corpus, monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    run = Run(tiny(tmp_path, corpus, "default", threads=None, max_steps=1, family=False))
+    run.train()
+    assert json.loads((tmp_path / "default" / "config.json").read_text())["threads"] == 1  # the default
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    cfg = tiny(tmp_path, corpus, "env", threads=None, max_steps=2, checkpoint_interval=1, family=False)
+    Run(cfg).train()
+    assert json.loads((tmp_path / "env" / "config.json").read_text())["threads"] == 2
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # another environment later: the run's own count wins
+    resumed = Run(dataclasses.replace(cfg, max_steps=3), resume=True)
+    resumed.setup()
+    assert torch.get_num_threads() == 2 and resumed.cfg.threads == 2
+    with pytest.warns(UserWarning, match="--threads 1 differs from the 2"):
+        Run(dataclasses.replace(cfg, threads=1, max_steps=3), resume=True).setup()
+
+
+class _Batches:
+    """A data source whose batches were cut beforehand: cutting runs on the host by design."""
+
+    def __init__(self, source, steps, batch_size, parts):
+        self.block_size = source.block_size
+        self.rows = {(s, p): source.batch(s, batch_size, p, parts) for s in range(steps) for p in range(parts)}
+
+    def batch(self, index, batch_size, rank=0, world_size=1):
+        return self.rows[(index, rank)]
+
+
+@pytest.mark.parametrize("mode", ["matta", "student"])  # both streams with the fused loss; one stream
+def test_a_training_step_never_reads_the_device(tmp_path, corpus, monkeypatch, mode):
+    run = Run(tiny(tmp_path, corpus, mode=mode, grad_accum=2, batch_size=2, max_steps=4, dropout=0.1))
+    run.setup()
+    run.batches.source = _Batches(run.data.train, 4, 2, 2)
+    records = []
+    with monkeypatch.context() as guard:
+        def host_read(self, *args, **kwargs):
+            raise AssertionError("a training step read a tensor on the host")
+
+        for name in ("item", "tolist", "__float__", "__int__", "__bool__"):
+            guard.setattr(torch.Tensor, name, host_read)
+        for _ in range(3):
+            records.append(run.train_step())
+    for rec in records:
+        assert rec["losses"].device == run.ctx.device and rec["grad_norm"].device == run.ctx.device
+    values = run.read_record(records[-1])
+    assert values["step"] == 3 and all(math.isfinite(values[k]) for k in ("loss", "loss_student", "grad_norm"))
+
+
+@pytest.mark.parametrize("mode", ["matta", "student"])
+def test_a_nan_loss_stops_the_run_at_the_next_read(tmp_path, corpus, mode):
+    run = Run(tiny(tmp_path, corpus, mode=mode, max_steps=4))
+    run.setup()
+    run.read_record(run.train_step())
+    with torch.no_grad():
+        run.model.ln_f.weight.fill_(float("nan"))
+    # the fused loss may refuse NaN inputs itself (ValueError); otherwise the next read does
+    with pytest.raises((FloatingPointError, ValueError), match="NaN"):
+        rec = run.train_step()
+        run.train_step()
+        run.read_record(rec)
+
+
+def test_each_step_reads_its_own_batch(tmp_path, corpus):
+    """Step k trains on the k-th global batch, whether it was fetched ahead or not."""
+    run = Run(tiny(tmp_path, corpus, batch_size=2, grad_accum=2, max_steps=4))
+    run.setup()
+    for step in range(3):
+        with torch.no_grad():
+            expected = [run.objective(*run.data.train.batch(step, 2, part, 2), step).loss for part in (0, 1)]
+        rec = run.read_record(run.train_step())
+        assert rec["step"] == step + 1
+        assert rec["loss"] == pytest.approx(sum(e.item() for e in expected) / 2, rel=1e-6)
+
+
+def test_student_run_trains_only_the_student_stream(tmp_path, corpus):
+    run = Run(tiny(tmp_path, corpus, mode="student", max_steps=2, family=False))
+    run.setup()
+    frozen = {id(p) for p in run.model.ta_only_parameters()}
+    assert frozen and all(not p.requires_grad for p in run.model.ta_only_parameters())
+    optimized = {id(p) for g in run.optimizer.param_groups for p in g["params"]}
+    assert not frozen & optimized
+    run.train_step()
+    assert all(p.grad is None for p in run.model.ta_only_parameters())
+
+
+def test_log_lines_without_a_terminal(tmp_path, corpus, capsys):
+    Run(tiny(tmp_path, corpus, max_steps=6, log_interval=2, progress=True, family=False)).train()
+    err = capsys.readouterr().err
+    lines = [l for l in err.splitlines() if l.startswith("train step")]
+    assert [l.split()[2] for l in lines] == ["1/6:", "2/6:", "4/6:", "6/6:"]  # one per log record, no bar
+    assert "\r" not in err and all("L_S" in l and "tok/s" in l for l in lines)
+
+
+def test_checkpoint_holds_what_resume_reads(tmp_path, corpus):
+    Run(tiny(tmp_path, corpus, max_steps=2, checkpoint_interval=1, family=False)).train()
+    path = latest_checkpoint(tmp_path / "run")
+    meta = json.loads((path / "state.json").read_text())
+    assert set(meta) == {"format", "step", "optimizer", "state"} and meta["step"] == 2
+    state = load_checkpoint(path)["state"]
+    assert set(state) == {"rng"} and len(state["rng"]) == 1 and set(state["rng"][0]) == {"torch"}
 
 
 def test_teacher_soft_labels_replace_the_targets(tmp_path, corpus):
@@ -147,8 +273,7 @@ def test_teacher_soft_labels_replace_the_targets(tmp_path, corpus):
     run = Run(cfg)
     run.setup()
     x, y = run.data.train.batch(0, 4)
-    out = modeling.matta_loss(run.model, run.model, x, y, weights=(1.0, 1.0, 1.0), ramp=1.0, temperature=1.0,
-                              mode="matta", teacher=run.teacher)
+    out = run.objective(x, y, None, teacher=run.teacher)  # step None: the distillation term fully ramped
     # float64 oracle: the Teacher is the teacher run's TA; its softmax is the label of L_S and L_TA
     _, teacher_model, _ = load_run(tmp_path / "teacher")
     with torch.no_grad():
@@ -176,3 +301,47 @@ def test_tokens_budget_sets_the_steps(tmp_path, corpus):
     run = Run(cfg)
     run.train()
     assert run.step == 4
+
+
+def test_the_default_run_ends_with_the_student_trained_alone(tmp_path, corpus):
+    """`train` adds the baseline row: a Student-only run on the same data, steps and seed,
+    whose numbers equal those of that run made on its own."""
+    results = train(tiny(tmp_path, corpus, max_steps=3, family=False))
+    alone = Run(tiny(tmp_path, corpus, "alone", mode="student", max_steps=3, family=False)).train()
+    rows = {m["spec"]: m for m in results["models"]}
+    assert list(rows) == ["student", "ta", "baseline"]
+    assert rows["baseline"]["val_loss"] == alone["models"][0]["val_loss"]  # bit-identical
+    assert rows["baseline"]["params"] == rows["student"]["params"]
+    assert all(m["about"] for m in results["models"])
+    assert json.loads((tmp_path / "run" / "results.json").read_text()) == results
+    assert json.loads((tmp_path / "run" / "baseline" / "config.json").read_text())["mode"] == "student"
+    assert [m["spec"] for m in alone["models"]] == ["student"]  # a Student-only run reports its Student only
+
+
+def test_no_baseline_for_single_stream_runs_or_when_switched_off(tmp_path, corpus):
+    for name, overrides in (("ta", dict(mode="ta")), ("off", dict(baseline=False))):
+        results = train(tiny(tmp_path, corpus, name, max_steps=1, family=False, **overrides))
+        assert "baseline" not in [m["spec"] for m in results["models"]]
+        assert not (tmp_path / name / "baseline").exists()
+
+
+def test_a_run_killed_in_its_baseline_resumes_exactly(tmp_path, corpus, monkeypatch):
+    common = dict(max_steps=4, checkpoint_interval=2, family=False)
+    straight = train(tiny(tmp_path, corpus, "straight", **common))
+    cfg = tiny(tmp_path, corpus, "broken", **common)
+    real_step = Run.train_step
+
+    def crash_in_baseline(self):
+        if self.cfg.mode == "student" and self.step == 3:
+            raise KeyboardInterrupt
+        return real_step(self)
+
+    monkeypatch.setattr(Run, "train_step", crash_in_baseline)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg)
+    monkeypatch.setattr(Run, "train_step", real_step)
+    resumed = train(cfg, resume=True)
+    assert resumed == straight | {"models": resumed["models"]}
+    assert [m["val_loss"] for m in resumed["models"]] == [m["val_loss"] for m in straight["models"]]
+    losses = lambda run: [(r["step"], r["loss"]) for r in train_records(tmp_path / run / "baseline")]  # noqa: E731
+    assert losses("broken") == losses("straight")

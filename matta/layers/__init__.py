@@ -1,4 +1,5 @@
-"""nn.Module wrappers around matta's ops."""
+"""nn.Module wrappers around matta's ops: the nested Dense layer and the nested LayerNorm."""
+from .nested_layer_norm import NestedLayerNorm
 from .nested_linear import NestedLinear
 
-__all__ = ["NestedLinear"]
+__all__ = ["NestedLayerNorm", "NestedLinear"]

@@ -2,6 +2,7 @@
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..ops.nested_linear import nested_linear
@@ -100,13 +101,24 @@ class NestedLinear(nn.Module):
             student_bias=self.student_bias,
         )
 
+    def student_parameters(self):
+        """(weight, bias) of the Student: views of the TA's leading block, or its own when unshared."""
+        if not self.share_weights:
+            return self.student_weight, self.student_bias
+        n_s, m_s = self.student_features
+        return self.weight[:n_s, :m_s], None if self.bias is None else self.bias[:n_s]
+
+    def forward_student(self, x_s):
+        """The Student alone, x_s (..., M_S) -> (..., N_S): for runs that train only the Student."""
+        return F.linear(x_s, *self.student_parameters())
+
+    def forward_ta(self, x_ta):
+        """The TA alone, x_ta (..., M_TA) -> (..., N_TA)."""
+        return F.linear(x_ta, self.weight, self.bias)
+
     def student_linear(self) -> nn.Linear:
         """A standalone `nn.Linear(M_S, N_S)` holding a copy of the Student's parameters."""
-        n_s, m_s = self.student_features
-        if self.share_weights:
-            bias = None if self.bias is None else self.bias[:n_s]
-            return plain_linear(self.weight[:n_s, :m_s], bias)
-        return plain_linear(self.student_weight, self.student_bias)
+        return plain_linear(*self.student_parameters())
 
     def ta_linear(self) -> nn.Linear:
         """A standalone `nn.Linear(M_TA, N_TA)` holding a copy of the TA's parameters."""

@@ -1,8 +1,8 @@
 """Nested (Student inside TA) GPT-2 and GAU models, their plain counterparts and configs."""
+from .base import STREAMS, NestedLM, StreamShape
 from .config import GAU_PRESETS, GPT2_PRESETS, GAUConfig, GPT2Config, NestingConfig
 from .gau import GAU, GAULayerShape, NestedGAU
-from .gpt2 import GPT2, BlockShape, NestedGPT2
-from .hf_gpt2 import load_hf_gpt2
+from .gpt2 import GPT2, BlockShape, NestedGPT2, load_hf_gpt2
 
 __all__ = [
     "GPT2Config",
@@ -16,5 +16,8 @@ __all__ = [
     "GAU",
     "GAULayerShape",
     "NestedGAU",
+    "NestedLM",
+    "STREAMS",
+    "StreamShape",
     "load_hf_gpt2",
 ]

@@ -2,7 +2,6 @@
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..layers import NestedLinear
@@ -73,35 +72,3 @@ def resolve_d_model_ta(n_embd: int, nest: NestingConfig) -> int:
     if d_ta < n_embd:
         raise ValueError(f"NestingConfig.d_model_ta={d_ta} is smaller than the Student's n_embd={n_embd}")
     return d_ta
-
-
-class NestedLayerNorm(nn.Module):
-    """LayerNorm of both streams: the Student normalises its first d_S features with the
-    first d_S entries of the TA's scale and shift."""
-
-    def __init__(self, d_s: int, d_ta: int, eps: float):
-        super().__init__()
-        self.d_s, self.eps = d_s, eps
-        self.weight = nn.Parameter(torch.ones(d_ta))
-        self.bias = nn.Parameter(torch.zeros(d_ta))
-
-    def forward_ta(self, x_ta):
-        return F.layer_norm(x_ta, (x_ta.shape[-1],), self.weight, self.bias, self.eps)
-
-    def forward(self, x_s, x_ta):
-        d_s = self.d_s
-        y_s = F.layer_norm(x_s, (d_s,), self.weight[:d_s], self.bias[:d_s], self.eps)
-        return y_s, self.forward_ta(x_ta)
-
-    def plain(self, width: int) -> nn.LayerNorm:
-        """An nn.LayerNorm over the first `width` features, holding a copy of them."""
-        ln = nn.LayerNorm(width, eps=self.eps, device=self.weight.device, dtype=self.weight.dtype)
-        with torch.no_grad():
-            ln.weight.copy_(self.weight[:width])
-            ln.bias.copy_(self.bias[:width])
-        return ln
-
-    def extra_repr(self):
-        return f"d_s={self.d_s}, d_ta={self.weight.shape[0]}, eps={self.eps}"
-
-

@@ -19,16 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..layers import NestedLinear
-from ._common import (
-    INIT_STD,
-    NestedLayerNorm,
-    check_tokens,
-    copy_student_blocks_,
-    count_parameters,
-    resolve_d_model_ta,
-    resolve_ffn_ta,
-)
+from ..layers import NestedLayerNorm, NestedLinear
+from ._common import INIT_STD, check_tokens, copy_student_blocks_, count_parameters, resolve_d_model_ta, resolve_ffn_ta
+from .base import NestedLM, StreamShape
 from .config import GAUConfig, NestingConfig, ta_only_layer_indices
 
 
@@ -216,7 +209,8 @@ def gau_init_(module: nn.Module):
 
 
 class NestedGAULayer(nn.Module):
-    """A GAU layer run by both streams (or by the TA alone when `ta_only`)."""
+    """A GAU layer run by both streams (or by the TA alone when `ta_only`, or by one stream
+    in a run that trains one model)."""
 
     def __init__(self, config: GAUConfig, d_ta, expansion_ta, ta_only, share=True):
         super().__init__()
@@ -238,12 +232,22 @@ class NestedGAULayer(nn.Module):
         q, k = self.qk(z)
         return u * gau_attention(q, k, v, self.rel_bias, self.n_positions, self.causal, key_mask)
 
+    def forward_student(self, x_s, key_mask=None):
+        y = F.silu(self.uvz.forward_student(self.norm.forward_student(x_s)))
+        h = self._mix(*y.split([self.e_s, self.e_s, self.attn_dim], dim=-1), key_mask)
+        return x_s + self.drop(self.o.forward_student(h))
+
     def forward_ta(self, x_ta, key_mask=None):
-        y = F.silu(F.linear(self.norm.forward_ta(x_ta), self.uvz.weight, self.uvz.bias))
+        y = F.silu(self.uvz.forward_ta(self.norm.forward_ta(x_ta)))
         h = self._mix(*self._ta_uvz(y), key_mask)
-        return x_ta + self.drop(F.linear(h, self.o.weight, self.o.bias))
+        return x_ta + self.drop(self.o.forward_ta(h))
 
     def forward(self, x_s, x_ta, key_mask=None):
+        """(y_s, y_ta); a stream whose input is None is not computed (its output is None)."""
+        if x_s is None:
+            return None, self.forward_ta(x_ta, key_mask)
+        if x_ta is None:
+            return self.forward_student(x_s, key_mask), None
         y_s, y_ta = self.uvz(*self.norm(x_s, x_ta))
         h_s = self._mix(*F.silu(y_s).split([self.e_s, self.e_s, self.attn_dim], dim=-1), key_mask)
         h_ta = self._mix(*self._ta_uvz(F.silu(y_ta)), key_mask)
@@ -267,15 +271,19 @@ class NestedGAULayer(nn.Module):
         }
 
 
-class NestedGAU(nn.Module):
+class NestedGAU(NestedLM):
     """A Student GAU model (`config`) M-nested inside a TA (`nest`: ffn_ta is the TA's
     expansion width e; extra_layers / extra_layer_positions and d_model_ta as for GPT-2).
 
     `model(idx, attention_mask=None)` -> (logits_s, logits_ta): (B, T, vocab_size) each
     for a language model, (B, num_classes) each for a classifier;
     `return_hidden=True` -> (h_s, h_ta), the final normalised (for a classifier, pooled)
-    hidden states, for the fused loss with `lm_head_weight`.
+    hidden states, for the fused loss with `lm_head_weight`;
+    `stream="student"` or `"ta"` computes that stream alone (None in the other's place).
     """
+
+    architecture = "gau"
+    embedding_parameters = ("wte.weight",)
 
     def __init__(self, config: GAUConfig, nest: NestingConfig | None = None):
         super().__init__()
@@ -310,39 +318,34 @@ class NestedGAU(nn.Module):
             self.wte.weight[config.vocab_size :].zero_()
 
     @property
-    def student_width(self) -> int:
-        return self.config.n_embd
+    def final_norm(self) -> NestedLayerNorm:
+        return self.norm_f
 
-    @property
-    def ta_width(self) -> int:
-        return self.ta_config.n_embd
+    def embed(self, idx):
+        return self.wte(idx)
 
-    @property
-    def lm_head_weight(self) -> torch.Tensor:
-        """The tied head over the true vocabulary, (vocab_size, d_TA); the Student's head is
-        its first student_width columns."""
-        return self.wte.weight[: self.config.vocab_size]
+    def stream_shape(self, stream: str) -> StreamShape:
+        config = self.config if stream == "student" else self.ta_config
+        body = gau_num_parameters(config, (GAULayerShape(config.expansion),) * config.n_layer)
+        head = 0 if config.is_classifier else config.vocab_size * config.n_embd  # a classifier's is in `body`
+        return StreamShape(config.n_layer, config.n_embd, config.expansion, body + head)
 
-    def num_parameters(self, non_embedding: bool = True) -> int:
-        return count_parameters(self, ("wte.weight",) if non_embedding else ())
+    def attention_flops_per_token(self, stream: str, seq_len: int) -> float:
+        config = self.config if stream == "student" else self.ta_config
+        # Q K^T (width s) and A V (width e), forward and backward: 6 FLOPs per multiply-add pair.
+        return 6.0 * config.n_layer * seq_len * (config.attn_dim + config.expansion)
 
-    def forward(self, idx, return_hidden=False, attention_mask=None):
+    def forward(self, idx, return_hidden=False, attention_mask=None, *, stream=None):
         check_tokens(idx, self.config.n_positions)
         key_mask = _check_mask(attention_mask, idx)
-        d_s = self.student_width
-        x_ta = self.wte(idx)
-        x_s = self.drop(x_ta if d_s == self.ta_width else x_ta[..., :d_s])
-        x_ta = self.drop(x_ta)
-        for block in self.blocks:
-            if block.ta_only:
-                x_ta = block.forward_ta(x_ta, key_mask)
-            else:
-                x_s, x_ta = block(x_s, x_ta, key_mask)
-        h_s, h_ta = self.norm_f(x_s, x_ta)
-        if self.head is not None:
-            h_s, h_ta = _pool(h_s, key_mask), _pool(h_ta, key_mask)
-            return (h_s, h_ta) if return_hidden else self.head(h_s, h_ta)
+        h_s, h_ta = self.hidden_states(idx, stream, key_mask=key_mask)
+        if self.head is None:
+            return (h_s, h_ta) if return_hidden else self.lm_logits(h_s, h_ta)
+        h_s = None if h_s is None else _pool(h_s, key_mask)
+        h_ta = None if h_ta is None else _pool(h_ta, key_mask)
         if return_hidden:
             return h_s, h_ta
-        head = self.lm_head_weight
-        return F.linear(h_s, head[:, :d_s]), F.linear(h_ta, head)
+        if h_s is not None and h_ta is not None:
+            return self.head(h_s, h_ta)
+        return (None if h_s is None else self.head.forward_student(h_s),
+                None if h_ta is None else self.head.forward_ta(h_ta))

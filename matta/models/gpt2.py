@@ -30,16 +30,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..layers import NestedLinear
-from ._common import (
-    NestedLayerNorm,
-    check_tokens,
-    copy_student_blocks_,
-    count_parameters,
-    gpt2_init_,
-    resolve_d_model_ta,
-    resolve_ffn_ta,
-)
+from ..layers import NestedLayerNorm, NestedLinear
+from . import hf_gpt2
+from ._common import check_tokens, copy_student_blocks_, count_parameters, gpt2_init_, resolve_d_model_ta, resolve_ffn_ta
+from .base import NestedLM, StreamShape
 from .config import GPT2Config, NestingConfig, ta_only_layer_indices
 
 EMBEDDING_PARAMETERS = ("wte.weight", "wpe.weight")
@@ -206,10 +200,13 @@ class NestedCausalSelfAttention(nn.Module):
     def _p(self):
         return self.dropout if self.training else 0.0
 
+    def forward_student(self, x_s):
+        q, k, v = self.c_attn.forward_student(x_s).split(self.d_s, dim=-1)
+        return self.c_proj.forward_student(causal_attention(q, k, v, self.n_head_s, self._p()))
+
     def forward_ta(self, x_ta):
-        q, k, v = split_nested_qkv(F.linear(x_ta, self.c_attn.weight, self.c_attn.bias), self.d_s)
-        y = causal_attention(q, k, v, self.n_head_ta, self._p())
-        return F.linear(y, self.c_proj.weight, self.c_proj.bias)
+        q, k, v = split_nested_qkv(self.c_attn.forward_ta(x_ta), self.d_s)
+        return self.c_proj.forward_ta(causal_attention(q, k, v, self.n_head_ta, self._p()))
 
     def forward(self, x_s, x_ta):
         qkv_s, qkv_ta = self.c_attn(x_s, x_ta)
@@ -224,9 +221,11 @@ class NestedMLP(nn.Module):
         self.c_fc = NestedLinear((d_s, d_ta), (ffn_s, ffn_ta), share_weights=share)
         self.c_proj = NestedLinear((ffn_s, ffn_ta), (d_s, d_ta), share_weights=share)
 
+    def forward_student(self, x_s):
+        return self.c_proj.forward_student(gelu(self.c_fc.forward_student(x_s)))
+
     def forward_ta(self, x_ta):
-        h = gelu(F.linear(x_ta, self.c_fc.weight, self.c_fc.bias))
-        return F.linear(h, self.c_proj.weight, self.c_proj.bias)
+        return self.c_proj.forward_ta(gelu(self.c_fc.forward_ta(x_ta)))
 
     def forward(self, x_s, x_ta):
         h_s, h_ta = self.c_fc(x_s, x_ta)
@@ -234,7 +233,8 @@ class NestedMLP(nn.Module):
 
 
 class NestedBlock(nn.Module):
-    """A transformer block run by both streams, or by the TA alone when `ta_only`."""
+    """A transformer block run by both streams, or by the TA alone when `ta_only`, or (in a
+    run that trains one model) by one stream."""
 
     def __init__(self, config: GPT2Config, d_ta, n_head_ta, ffn_ta, ta_only, share=True):
         super().__init__()
@@ -247,24 +247,37 @@ class NestedBlock(nn.Module):
         self.mlp = NestedMLP(d_s, d_ta, config.n_inner, ffn_ta, share)
         self.drop = nn.Dropout(config.dropout)
 
+    def forward_student(self, x_s):
+        x_s = x_s + self.drop(self.attn.forward_student(self.ln_1.forward_student(x_s)))
+        return x_s + self.drop(self.mlp.forward_student(self.ln_2.forward_student(x_s)))
+
     def forward_ta(self, x_ta):
         x_ta = x_ta + self.drop(self.attn.forward_ta(self.ln_1.forward_ta(x_ta)))
         return x_ta + self.drop(self.mlp.forward_ta(self.ln_2.forward_ta(x_ta)))
 
     def forward(self, x_s, x_ta):
+        """(y_s, y_ta); a stream whose input is None is not computed (its output is None)."""
+        if x_s is None:
+            return None, self.forward_ta(x_ta)
+        if x_ta is None:
+            return self.forward_student(x_s), None
         a_s, a_ta = self.attn(*self.ln_1(x_s, x_ta))
         x_s, x_ta = x_s + self.drop(a_s), x_ta + self.drop(a_ta)
         m_s, m_ta = self.mlp(*self.ln_2(x_s, x_ta))
         return x_s + self.drop(m_s), x_ta + self.drop(m_ta)
 
 
-class NestedGPT2(nn.Module):
+class NestedGPT2(NestedLM):
     """A Student GPT-2 (`config`) M-nested inside a TA (`nest`), trained together.
 
     `model(idx)` -> (logits_s, logits_ta), each (B, T, vocab_size);
     `model(idx, return_hidden=True)` -> (h_s, h_ta) after the final LayerNorm, of widths
-    `student_width` and `ta_width`, for the fused loss with `lm_head_weight`.
+    `student_width` and `ta_width`, for the fused loss with `lm_head_weight`;
+    `stream="student"` or `"ta"` computes that stream alone (None in the other's place).
     """
+
+    architecture = "gpt2"
+    embedding_parameters = EMBEDDING_PARAMETERS
 
     def __init__(self, config: GPT2Config, nest: NestingConfig | None = None):
         super().__init__()
@@ -309,43 +322,25 @@ class NestedGPT2(nn.Module):
             self.wte.weight[config.vocab_size :].zero_()
 
     @property
-    def student_width(self) -> int:
-        return self.config.n_embd
-
-    @property
-    def ta_width(self) -> int:
-        return self.ta_config.n_embd
-
-    @property
     def student_config(self) -> GPT2Config:
         return self.config
 
     @property
-    def lm_head_weight(self) -> torch.Tensor:
-        """The tied head over the true vocabulary, (vocab_size, d_TA): a view of `wte.weight`
-        (which has padded_vocab_size rows). The Student's head is its first student_width columns."""
-        return self.wte.weight[: self.config.vocab_size]
+    def final_norm(self) -> NestedLayerNorm:
+        return self.ln_f
 
-    def num_parameters(self, non_embedding: bool = True) -> int:
-        return count_parameters(self, EMBEDDING_PARAMETERS if non_embedding else ())
-
-    def forward(self, idx, return_hidden=False):
+    def embed(self, idx):
         check_tokens(idx, self.config.n_positions)
-        d_s = self.student_width
-        pos = torch.arange(idx.shape[1], device=idx.device)
-        x_ta = self.wte(idx) + self.wpe(pos)
-        x_s = self.drop(x_ta if d_s == self.ta_width else x_ta[..., :d_s])
-        x_ta = self.drop(x_ta)
-        for block in self.blocks:
-            if block.ta_only:
-                x_ta = block.forward_ta(x_ta)
-            else:
-                x_s, x_ta = block(x_s, x_ta)
-        h_s, h_ta = self.ln_f(x_s, x_ta)
-        if return_hidden:
-            return h_s, h_ta
-        head = self.lm_head_weight
-        return F.linear(h_s, head[:, :d_s]), F.linear(h_ta, head)
+        return self.wte(idx) + self.wpe(torch.arange(idx.shape[1], device=idx.device))
+
+    def stream_shape(self, stream: str) -> StreamShape:
+        config = self.config if stream == "student" else self.ta_config
+        body = gpt2_num_parameters(config, block_shapes_of(config))
+        return StreamShape(config.n_layer, config.n_embd, config.n_inner, body + config.vocab_size * config.n_embd)
+
+    def forward(self, idx, return_hidden=False, *, stream=None):
+        hidden = self.hidden_states(idx, stream)
+        return hidden if return_hidden else self.lm_logits(*hidden)
 
     @classmethod
     def from_hf_gpt2(cls, path, nest: NestingConfig | None = None, *, zero_init_extras: bool = True):
@@ -357,8 +352,17 @@ class NestedGPT2(nn.Module):
         extra heads, TA-only blocks) into the residual stream start at zero, so without
         d_model nesting the TA starts out computing the Student's function too.
         """
-        from .hf_gpt2 import nested_gpt2_from_hf
-
         if nest is not None and not nest.share_weights:
             raise ValueError("from_hf_gpt2 builds a shared model only; drop NestingConfig(share_weights=False)")
-        return nested_gpt2_from_hf(cls, path, nest, zero_init_extras=zero_init_extras)
+        config, tensors = hf_gpt2.read_gpt2(path)
+        model = cls(config, nest)
+        hf_gpt2.copy_into_nested(model, tensors, zero_init_extras=zero_init_extras)
+        return model
+
+
+def load_hf_gpt2(path) -> GPT2:
+    """A plain `GPT2` holding the Hugging Face GPT-2 checkpoint at `path`."""
+    config, tensors = hf_gpt2.read_gpt2(path)
+    model = GPT2(config)
+    hf_gpt2.copy_into_plain(model, tensors)
+    return model

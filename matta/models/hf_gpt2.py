@@ -3,7 +3,9 @@
 A folder with `config.json` and `model.safetensors` (or `pytorch_model.bin`, read with
 `torch.load(weights_only=True)`, which never unpickles arbitrary objects). Hugging Face
 GPT-2 stores its projections as `Conv1D` weights of shape (in, out): they are transposed
-into nn.Linear's (out, in) here.
+into nn.Linear's (out, in) here. The models load through this module
+(`GPT2`'s `load_hf_gpt2`, `NestedGPT2.from_hf_gpt2`); it knows their parameter names, not
+their classes.
 """
 import json
 import os
@@ -85,29 +87,30 @@ def linear_state_from_hf(state: dict, config: GPT2Config) -> dict:
     return out
 
 
-def load_hf_gpt2(path):
-    """A plain `GPT2` holding the Hugging Face GPT-2 checkpoint at `path`."""
-    from .gpt2 import GPT2
-
+def read_gpt2(path) -> tuple[GPT2Config, dict]:
+    """(our GPT2Config, tensors in nn.Linear orientation named as in our GPT2) of the
+    Hugging Face GPT-2 checkpoint folder at `path`."""
     hf_config, state = read_hf_checkpoint(path)
     config = gpt2_config_from_hf(hf_config)
-    tensors = linear_state_from_hf(state, config)
-    model = GPT2(config)
+    return config, linear_state_from_hf(state, config)
+
+
+def copy_into_plain(model, tensors: dict) -> None:
+    """Load `read_gpt2`'s tensors into a plain GPT2 of the checkpoint's configuration."""
     with torch.no_grad():
         params = dict(model.named_parameters())
         for name, value in tensors.items():
             target = params[name]
             if name == "wte.weight":
-                target = target[: config.vocab_size]
+                target = target[: model.config.vocab_size]
             target.copy_(value)
-    return model
 
 
-def nested_gpt2_from_hf(cls, path, nest, *, zero_init_extras):
-    hf_config, state = read_hf_checkpoint(path)
-    config = gpt2_config_from_hf(hf_config)
-    tensors = linear_state_from_hf(state, config)
-    model = cls(config, nest)
+def copy_into_nested(model, tensors: dict, *, zero_init_extras: bool) -> None:
+    """Make `read_gpt2`'s tensors the Student of a NestedGPT2 built on the checkpoint's
+    configuration; with `zero_init_extras`, the TA's new units start with no effect on the
+    residual stream."""
+    config = model.config
     d_s, v = config.n_embd, config.vocab_size
     with torch.no_grad():
         model.wte.weight[:v, :d_s].copy_(tensors["wte.weight"])
@@ -131,7 +134,6 @@ def nested_gpt2_from_hf(cls, path, nest, *, zero_init_extras):
                 for proj in (block.attn.c_proj, block.mlp.c_proj):
                     proj.weight.zero_()
                     proj.bias.zero_()
-    return model
 
 
 def _copy_norm(norm, tensors, prefix):

@@ -1,18 +1,35 @@
-"""Which implementation runs an op: the Triton kernels or plain PyTorch.
+"""Which implementation runs an op, the Triton kernels or plain PyTorch, and the knobs of both.
 
 `MATTA_BACKEND` chooses:
-- `auto` (default): Triton for CUDA tensors when Triton is installed, PyTorch otherwise.
+- `auto` (default): PyTorch for CPU tensors or without Triton. For CUDA tensors the dispatch
+  table decides per (op, device capability, dtype, token bucket): `use_triton_for`.
 - `triton`: always Triton. CPU tensors then need `TRITON_INTERPRET=1` (set before matta is
   imported), which runs the kernels through Triton's numpy interpreter: slow, but it is how
   the kernels are tested on machines without a GPU.
 - `torch`: always the PyTorch path.
+
+The dispatch table (`dispatch_table.json` beside this file, or the file `MATTA_DISPATCH_TABLE`
+names) holds what benchmarks/gpu_check.sh measured: per op, capability (`sm_90`), dtype key
+(`bf16`, `fp16`, `tf32` = fp32 with TF32 allowed, `fp32` = without) and token bucket (a
+power of two), the faster backend. A lookup takes the nearest measured bucket of its (op,
+capability, dtype); with none measured, the default rule: Triton, except fp32 without TF32,
+where the kernels run FMA-only while cuBLAS is tuned for it.
+
+`MATTA_INTERPRET_TILES=BLOCK_M,BLOCK_N,BLOCK_K` pins the nested-linear kernel's tile shape
+(`interpret_tiles`): under the interpreter any powers of two from 16 to 256 (default 32,32,32),
+so the GPU's tiles can be tested on a CPU; on a GPU one of the kernel's own tile shapes, in
+place of autotuning.
 """
 import functools
+import json
 import os
+from pathlib import Path
 
 import torch
 
 BACKENDS = ("auto", "triton", "torch")
+DISPATCH_TABLE = Path(__file__).with_name("dispatch_table.json")
+DTYPE_KEYS = ("bf16", "fp16", "tf32", "fp32")
 
 
 @functools.cache
@@ -51,3 +68,109 @@ def use_triton(*tensors: torch.Tensor) -> bool:
             "matta is imported (or move the tensors to a CUDA device)"
         )
     return True
+
+
+def use_triton_for(op: str, *tensors: torch.Tensor, tokens: int) -> bool:
+    """`use_triton`, with the dispatch table deciding CUDA tensors under MATTA_BACKEND=auto."""
+    if not use_triton(*tensors):
+        return False
+    if requested_backend() == "triton":
+        return True
+    device = tensors[0].device
+    capability = "sm_{}{}".format(*torch.cuda.get_device_capability(device))
+    return lookup(op, capability, dtype_key(tensors[0].dtype), tokens) == "triton"
+
+
+def dtype_key(dtype: torch.dtype) -> str:
+    """The dispatch table's name for a compute dtype; fp32 splits by PyTorch's TF32 switch."""
+    if dtype == torch.float32:
+        return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "fp32"
+    return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, str(dtype).replace("torch.", ""))
+
+
+def token_bucket(tokens: int) -> int:
+    """The next power of two (the dispatch table's and the autotuner's shape bucket)."""
+    return 1 << max(0, int(tokens) - 1).bit_length()
+
+
+def default_backend(dtype: str) -> str:
+    return "torch" if dtype == "fp32" else "triton"
+
+
+def lookup(op: str, capability: str, dtype: str, tokens: int, path=None) -> str:
+    """"triton" or "torch" for one call, from the table (nearest measured bucket) or the default."""
+    measured = load_dispatch_table(path).get((op, capability, dtype))
+    if not measured:
+        return default_backend(dtype)
+    b = token_bucket(tokens).bit_length()
+    nearest = min(measured, key=lambda m: (abs(m.bit_length() - b), m))
+    return measured[nearest]
+
+
+def dispatch_table_path(path=None) -> Path:
+    return Path(path or os.environ.get("MATTA_DISPATCH_TABLE") or DISPATCH_TABLE)
+
+
+def load_dispatch_table(path=None) -> dict:
+    """{(op, capability, dtype): {bucket: backend}}, validated; re-read when the file changes."""
+    path = dispatch_table_path(path)
+    try:
+        stat = path.stat()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"dispatch table {path} does not exist (MATTA_DISPATCH_TABLE)") from None
+    return _parse_dispatch_table(str(path), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=8)
+def _parse_dispatch_table(path: str, mtime_ns: int, size: int) -> dict:
+    def bad(problem):
+        return ValueError(f"dispatch table {path}: {problem}")
+
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except json.JSONDecodeError as error:
+        raise bad(f"not valid JSON ({error})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("entries"), list):
+        raise bad('expected an object with a list "entries"')
+    table = {}
+    for i, entry in enumerate(data["entries"]):
+        if not isinstance(entry, dict):
+            raise bad(f"entry {i} is not an object")
+        missing = [k for k in ("op", "capability", "dtype", "tokens", "backend") if k not in entry]
+        if missing:
+            raise bad(f"entry {i} lacks {', '.join(missing)}")
+        op, capability, dtype, tokens, backend = (entry[k] for k in ("op", "capability", "dtype", "tokens", "backend"))
+        if not (isinstance(op, str) and op):
+            raise bad(f"entry {i}: op must be a non-empty string, got {op!r}")
+        if not (isinstance(capability, str) and capability.startswith("sm_") and capability[3:].isdigit()):
+            raise bad(f"entry {i}: capability must look like 'sm_90', got {capability!r}")
+        if dtype not in DTYPE_KEYS:
+            raise bad(f"entry {i}: dtype must be one of {DTYPE_KEYS}, got {dtype!r}")
+        if not (isinstance(tokens, int) and not isinstance(tokens, bool) and tokens >= 1 and token_bucket(tokens) == tokens):
+            raise bad(f"entry {i}: tokens must be a power of two >= 1 (a bucket), got {tokens!r}")
+        if backend not in ("triton", "torch"):
+            raise bad(f"entry {i}: backend must be 'triton' or 'torch', got {backend!r}")
+        buckets = table.setdefault((op, capability, dtype), {})
+        if tokens in buckets:
+            raise bad(f"entry {i} repeats ({op}, {capability}, {dtype}, tokens {tokens})")
+        buckets[tokens] = backend
+    return table
+
+
+def interpret_tiles():
+    """MATTA_INTERPRET_TILES as (BLOCK_M, BLOCK_N, BLOCK_K), or None when unset or empty."""
+    raw = os.environ.get("MATTA_INTERPRET_TILES", "").strip()
+    if not raw:
+        return None
+    parts = [p.strip() for p in raw.split(",")]
+    try:
+        tiles = tuple(int(p) for p in parts)
+    except ValueError:
+        tiles = ()
+    if len(tiles) != 3 or any(t < 16 or t > 256 or t & (t - 1) for t in tiles):
+        raise ValueError(
+            f"MATTA_INTERPRET_TILES must be three powers of two from 16 to 256 as BLOCK_M,BLOCK_N,BLOCK_K "
+            f"(for example 128,128,64), got {raw!r}"
+        )
+    return tiles

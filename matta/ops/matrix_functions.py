@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .backend import use_triton
+from .backend import triton_interpreting, use_triton
 
 METHODS = ("auto", "eigh", "eigh_loop", "newton")
 _CANDIDATES = ("eigh_loop", "eigh", "newton")
@@ -203,7 +203,8 @@ def _newton_root(a: Tensor, root: int, max_iterations: int, tolerance: float):
         and root in kernel.KERNEL_ROOTS and use_triton(a)
     )
     if on_kernel:
-        return kernel.newton_inverse_root(a.contiguous(), z.contiguous(), root, max_iterations, tolerance)
+        return kernel.newton_inverse_root(a.contiguous(), z.contiguous(), root, max_iterations, tolerance,
+                                          interpreting=triton_interpreting())
     return _newton_root_torch(a, z, root, max_iterations, tolerance)
 
 

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .backend import use_triton
+from .backend import interpret_tiles, triton_interpreting, use_triton_for
 
 
 def nested_linear_reference(x_s, x_ta, weight, bias=None, *, student_features, student_weight=None, student_bias=None):
@@ -100,9 +100,28 @@ def _torch_backward(grad_s, grad_ta, x_s, x_ta, weight, student_weight, n_s, m_s
 # The custom op. Tensors are 2-D; in the one-input form x_s is x_ta itself and ignored.
 
 
-def _use_kernels(weight):
+def _use_kernels(weight, tokens):
     # float64 (gradcheck, oracles) always takes the PyTorch path: tensor cores have no use for it.
-    return weight.dtype in (torch.float32, torch.float16, torch.bfloat16) and use_triton(weight)
+    return weight.dtype in (torch.float32, torch.float16, torch.bfloat16) and use_triton_for(
+        "nested_linear", weight, tokens=tokens)
+
+
+def _launch_options(kernel, weight):
+    """How the kernels run here: fp32 follows PyTorch's TF32 switch like F.linear does."""
+    tf32 = weight.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
+    precision = "tf32" if tf32 else "ieee"
+    interpreting = triton_interpreting()
+    tiles = interpret_tiles()
+    if tiles is not None and not interpreting:
+        launchable = [c[:3] for c in kernel.tile_configs(weight.element_size(), precision)]
+        if tiles not in launchable:
+            raise ValueError(
+                f"MATTA_INTERPRET_TILES={','.join(map(str, tiles))} is not a tile shape the nested-linear kernel "
+                f"launches for {weight.dtype} (TF32 {'on' if tf32 else 'off'}) on a GPU; use one of {launchable}"
+            )
+    sm_count = (torch.cuda.get_device_properties(weight.device).multi_processor_count if weight.is_cuda
+                else kernel.MODEL_SM_COUNT)
+    return kernel.LaunchOptions(precision=precision, interpreting=interpreting, tiles=tiles, sm_count=sm_count)
 
 
 def _empty(like):
@@ -126,10 +145,10 @@ def _nested_linear_op(
     one_input: bool,
 ) -> tuple[Tensor, Tensor]:
     args = (x_s, x_ta, weight, bias, student_weight, student_bias, n_s, m_s, one_input)
-    if _use_kernels(weight):
+    if _use_kernels(weight, x_ta.shape[0]):
         from ..kernels import nested_linear as kernel
 
-        return kernel.nested_linear_forward(*args)
+        return kernel.nested_linear_forward(*args, _launch_options(kernel, weight))
     return _torch_forward(*args)
 
 
@@ -152,10 +171,10 @@ def _nested_linear_backward_op(
     needs: list[bool],
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     args = (grad_s, grad_ta, x_s, x_ta, weight, student_weight, n_s, m_s, one_input, tuple(needs))
-    if _use_kernels(weight):
+    if _use_kernels(weight, grad_ta.shape[0]):
         from ..kernels import nested_linear as kernel
 
-        grads = kernel.nested_linear_backward(*args)
+        grads = kernel.nested_linear_backward(*args, _launch_options(kernel, weight))
     else:
         grads = _torch_backward(*args)
     return tuple(_or_empty(g, grad_ta) for g in grads)

@@ -3,8 +3,8 @@
 A checkpoint is a folder `RUN_DIR/checkpoints/step_NNNNNNN/` holding
 - `model.safetensors`: the model's state_dict,
 - `optimizer.safetensors` + the tensor-free rest of the optimizer state in `state.json`,
-- `state.json`: step, data position, RNG states (as tensors in `rng.safetensors`), config,
-  and anything else the trainer adds.
+- `state.json`: the step (which is also the data position: a batch is a function of its
+  step) and the trainer's state, whose tensors (the RNG states) are in `rng.safetensors`.
 It is written to a temporary sibling folder, synced, and renamed into place; then the file
 `RUN_DIR/checkpoints/latest` (one line: the folder name) is replaced atomically. A kill at any
 moment leaves `latest` naming a complete checkpoint.
@@ -23,6 +23,8 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+
+from .._atomic import fsync_dir, write_synced, write_text_atomic
 
 LATEST = "latest"
 FORMAT_VERSION = 1
@@ -71,25 +73,6 @@ def decode_state(tree, tensors: dict):
     return tree
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _write_file(path: Path, write) -> None:
-    write(path)
-    with open(path, "rb+") as f:
-        os.fsync(f.fileno())
-
-
 def save_checkpoint(run_dir, step: int, model_state: dict, optimizer_state: dict, state: dict, keep: int = 2) -> Path:
     """Writes checkpoint `step` atomically and keeps only the newest `keep` checkpoints."""
     root = Path(run_dir) / "checkpoints"
@@ -101,25 +84,22 @@ def save_checkpoint(run_dir, step: int, model_state: dict, optimizer_state: dict
     tmp.mkdir()
 
     weights = {k: v.detach().to("cpu").contiguous() for k, v in model_state.items()}
-    _write_file(tmp / "model.safetensors", lambda p: save_file(_unshare(weights), str(p)))
+    write_synced(tmp / "model.safetensors", lambda p: save_file(_unshare(weights), str(p)))
     opt_tensors: dict = {}
     opt_tree = encode_state(optimizer_state, opt_tensors, "o")
-    _write_file(tmp / "optimizer.safetensors", lambda p: save_file(opt_tensors, str(p)))
+    write_synced(tmp / "optimizer.safetensors", lambda p: save_file(opt_tensors, str(p)))
     state_tensors: dict = {}
     state_tree = encode_state(state, state_tensors, "s")
-    _write_file(tmp / "rng.safetensors", lambda p: save_file(state_tensors, str(p)))
+    write_synced(tmp / "rng.safetensors", lambda p: save_file(state_tensors, str(p)))
     meta = {"format": FORMAT_VERSION, "step": step, "optimizer": opt_tree, "state": state_tree}
-    _write_file(tmp / "state.json", lambda p: p.write_text(json.dumps(meta)))
-    _fsync_dir(tmp)
+    write_synced(tmp / "state.json", lambda p: p.write_text(json.dumps(meta)))
+    fsync_dir(tmp)
 
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
-    _fsync_dir(root)
-    latest_tmp = root / f".{LATEST}.tmp-{os.getpid()}"
-    _write_file(latest_tmp, lambda p: p.write_text(name + "\n"))
-    os.replace(latest_tmp, root / LATEST)
-    _fsync_dir(root)
+    fsync_dir(root)
+    write_text_atomic(root / LATEST, name + "\n")
 
     done = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_"))
     for old in done[:-keep] if keep > 0 else []:

@@ -11,10 +11,12 @@ import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from ..losses import RAMP_SCHEDULES
+
 MODES = ("matta", "student", "ta")
 OPTIMIZERS = ("adamw", "shampoo")
 DTYPES = ("auto", "bf16", "fp32")
-RAMPS = ("linear", "sigmoid")
+PARALLEL = ("ddp", "fsdp")
 
 
 class ConfigError(ValueError):
@@ -54,7 +56,7 @@ class TrainConfig:
     loss_weights: tuple = _opt("w_S,w_TA,w_D", default=(1.0, 1.0, 1.0))
     rampup_start: int = _opt("step at which the distillation term starts", default=0)
     rampup_steps: int = _opt("steps over which the distillation weight rises to w_D", default=50)
-    rampup: str = _opt("ramp shape", choices=RAMPS, default="linear")
+    rampup: str = _opt("ramp shape", choices=RAMP_SCHEDULES, default="linear")
     temperature: float = _opt("distillation temperature", default=1.0)
     teacher: str | None = _opt("Teacher: a matta run directory or a Hugging Face GPT-2 folder", default=None)
     # optimisation
@@ -79,11 +81,16 @@ class TrainConfig:
     checkpoint_interval: int = _opt("steps between checkpoints (0: only at the end)", default=100)
     keep_checkpoints: int = _opt("checkpoints kept", default=2)
     family: bool = _opt("evaluate the wide-narrow-wide family at the end", default=True)
+    baseline: bool = _opt("with --mode matta and one process: then train the Student alone on the same data, "
+                          "steps and seed (RUN_DIR/baseline) and add it to the table", default=True)
     seed: int = _opt("random seed (model init and data order)", default=1337)
     device: str = _opt("auto, cpu, cuda, cuda:N", default="auto")
     dtype: str = _opt("autocast precision (auto: bf16 on GPU, fp32 on CPU)", choices=DTYPES, default="auto")
-    compile: bool = _opt("torch.compile the model", default=False)
-    threads: int = _opt("CPU threads (0: the idle cores, or $OMP_NUM_THREADS when set)", default=0)
+    compile: bool = _opt("torch.compile the model's forward (the fused loss stays eager)", default=False)
+    threads: int | None = _opt("CPU threads per process (default or 0: $OMP_NUM_THREADS, else 1); the number "
+                               "used is saved in config.json and --resume reuses it", default=None)
+    parallel: str = _opt("with several processes (torchrun): ddp replicates the model, fsdp shards it (AdamW only)",
+                         choices=PARALLEL, default="ddp")
     progress: bool = _opt("show a progress bar", default=True)
 
     @property
@@ -181,7 +188,8 @@ def validate(cfg: TrainConfig) -> None:
                  "checkpoint_interval", "keep_checkpoints", "start_preconditioning_step", "threads"):
         value = getattr(cfg, name)
         need(value is None or value >= 0, f"--{name.replace('_', '-')} must be >= 0, got {value}")
-    for name, choices in (("mode", MODES), ("optimizer", OPTIMIZERS), ("dtype", DTYPES), ("rampup", RAMPS),
+    for name, choices in (("mode", MODES), ("optimizer", OPTIMIZERS), ("dtype", DTYPES), ("rampup", RAMP_SCHEDULES),
+                          ("parallel", PARALLEL),
                           ("tokenizer", FIELDS["tokenizer"].metadata["choices"]), ("bin_dtype", ("uint16", "uint32")),
                           ("extra_layer_positions", ("interleave", "top", "bottom"))):
         value = getattr(cfg, name)
@@ -196,3 +204,6 @@ def validate(cfg: TrainConfig) -> None:
     need(cfg.max_steps is None or cfg.tokens is None, "give --max-steps or --tokens, not both")
     device = cfg.device
     need(device in ("auto", "cpu", "cuda") or device.startswith("cuda:"), f"--device must be auto, cpu, cuda or cuda:N, got {device!r}")
+    need(not (cfg.parallel == "fsdp" and cfg.optimizer == "shampoo"),
+         "--parallel fsdp works with --optimizer adamw only (Shampoo preconditions whole matrices, which FSDP "
+         "splits across ranks); use --parallel ddp for Shampoo")

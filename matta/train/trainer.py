@@ -1,14 +1,19 @@
 """The MatTA training loop (paper Algorithm 1), in the spirit of nanoGPT's train.py.
 
-`train(cfg)` does, in order: set up (distributed, device, data, model, optimizer, maybe a
-Teacher, maybe a checkpoint to resume), the loop (per step: learning rate and ramp, micro-
-batches of Student + TA forward and the fused MatTA loss, gradient all-reduce across ranks,
-clipping, optimizer step; logging, evaluation and checkpoints at their intervals), and the
-final evaluation of the Student, the TA and the wide-narrow-wide family, which it prints as
-a table and draws into RUN_DIR/report.png.
+`Run(cfg).train()` does, in order: set up (device and process group, data, model, the
+objective from `MatTALoss`, the parallel engine, optimizer, maybe a Teacher, maybe a
+checkpoint to resume), the loop (per step: learning rate, micro-batches of the streams and
+the fused MatTA loss, gradients averaged across ranks by the engine, clipping, optimizer
+step; logging, evaluation and checkpoints at their intervals), and the final evaluation of
+the Student, the TA and the wide-narrow-wide family, printed as a table and drawn into
+RUN_DIR/report.png.
 
-Run directory:
-    config.json      the resolved TrainConfig
+A step never waits on the host: the losses and the gradient norm stay on the device and
+are read once per log interval (and before evaluations and checkpoints).
+
+Run directory (see also matta/runs.py):
+    config.json      the resolved TrainConfig (with the CPU thread count used)
+    model.json       what rebuilds the model
     tokenizer.json   the tokenizer (absent for pre-tokenised data without one)
     metrics.jsonl    one JSON record per log step ("train") and per evaluation ("eval")
     checkpoints/     atomic checkpoints (see checkpoint.py), `latest` names the newest
@@ -17,124 +22,56 @@ Run directory:
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
-import os
-import random
-import sys
+import shutil
 import time
-from contextlib import nullcontext
+import warnings
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
-from ..data import Data, load_data, tokenizer_from_json
-from ..evaluation import perplexity, validation_loss
-from . import modeling
+from .. import runs
+from .._atomic import write_json_atomic, write_text_atomic
+from ..data import Data, load_data
+from ..extraction import extracted_models
+from ..losses import check_loss_inputs
+from ..report import make_report
+from ..scoring import perplexity, validation_loss
+from . import parallel
+from .batches import StepBatches
 from .checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
-from .config import ConfigError, TrainConfig, make_config
-from .schedule import distill_ramp, learning_rate
+from .config import ConfigError, TrainConfig
+from .context import Context, available_memory, default_threads
+from .objective import LMObjective, criterion_for
+from .progress import Progress
+from .schedule import learning_rate
 
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12, "4090": 165e12}
+LOSS_KEYS = ("loss", "loss_student", "loss_ta", "loss_distill")
 
 
 # ----------------------------------------------------------------------------------------
 # Set-up helpers
 
 
-class Context:
-    """Where this process runs: rank, world size, device, autocast dtype."""
-
-    def __init__(self, cfg: TrainConfig):
-        self.world = int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank = int(os.environ.get("RANK", "0"))
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        if cfg.device == "auto":
-            device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
-        elif cfg.device == "cuda" and self.world > 1:
-            device = f"cuda:{local_rank}"
-        else:
-            device = cfg.device
-        if device.startswith("cuda") and not torch.cuda.is_available():
-            raise ConfigError(f"--device {cfg.device}: no CUDA GPU is available here; use --device cpu or auto")
-        self.device = torch.device(device)
-        if self.device.type == "cuda":
-            torch.cuda.set_device(self.device)
-        else:
-            torch.set_num_threads(cpu_threads(cfg.threads))
-        self.owns_group = False
-        if self.world > 1 and not dist.is_initialized():
-            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
-            self.owns_group = True
-        dtype = cfg.dtype if cfg.dtype != "auto" else ("bf16" if self.device.type == "cuda" else "fp32")
-        self.amp_dtype = torch.bfloat16 if dtype == "bf16" else None
-        self.master = self.rank == 0
-
-    def autocast(self):
-        if self.amp_dtype is None:
-            return nullcontext()
-        return torch.autocast(self.device.type, dtype=self.amp_dtype)
-
-    def all_mean(self, values: list[float]) -> list[float]:
-        if self.world == 1:
-            return values
-        t = torch.tensor(values, dtype=torch.float64, device=self.device)
-        dist.all_reduce(t)
-        return (t / self.world).tolist()
-
-    def close(self):
-        if self.owns_group and dist.is_initialized():
-            dist.destroy_process_group()
-
-
-def cpu_threads(requested: int) -> int:
-    """Threads for CPU math: as asked, else $OMP_NUM_THREADS, else the cores not already busy.
-
-    Tiny GEMMs on cores that other processes keep busy run several times slower with two
-    OpenMP threads than with one (measured on a loaded 2-core machine), so a busy machine
-    gets fewer threads.
-    """
-    if requested > 0:
-        return requested
-    if os.environ.get("OMP_NUM_THREADS", "").isdigit():
-        return max(1, int(os.environ["OMP_NUM_THREADS"]))
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    try:
-        busy = os.getloadavg()[0]
-    except OSError:
-        busy = 0.0
-    return max(1, min(cores, round(cores - busy)))
-
-
-def available_memory(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 1 << 60
-
-
 def check_memory(cfg: TrainConfig, vocab_size: int, ctx: Context) -> None:
     """Refuses a configuration whose rough footprint exceeds the free memory, before building it."""
-    _, m, nest = modeling.model_configs(cfg, vocab_size)
-    params = modeling.estimate_parameters(cfg, vocab_size)
+    with torch.device("meta"):  # shapes only: nothing is allocated
+        model = runs.build_model(cfg, vocab_size)
+    params = model.num_parameters(non_embedding=False)
     state_bytes = params * (4 + 4 + (12 if cfg.optimizer == "shampoo" else 8))
-    d = nest.d_model_ta or m.n_embd
-    width = nest.ffn_ta or 2 * (getattr(m, "n_inner", None) or m.expansion)
-    layers = m.n_layer + nest.extra_layers
+    if cfg.parallel == "fsdp":
+        state_bytes //= ctx.world
+    ta = model.stream_shape("ta")
     elem = 2 if ctx.amp_dtype is not None else 4
     tokens = cfg.batch_size * cfg.block_size
     # Saved activations per layer and token (~12 d + 2 ffn values), bounded by twice the
     # TA's for the two streams, plus attention scores where SDPA has no fused kernel (CPU).
-    act = 2 * tokens * layers * (12 * d + 2 * width) * elem
+    act = 2 * tokens * ta.n_layer * (12 * ta.d_model + 2 * ta.ffn) * elem
     if ctx.device.type == "cpu":
-        act += 2 * cfg.batch_size * cfg.block_size * cfg.block_size * layers * 4 * 2
+        act += 2 * cfg.batch_size * cfg.block_size * cfg.block_size * ta.n_layer * 4 * 2
     need = state_bytes + act
     have = available_memory(ctx.device)
     if need > 0.9 * have:
@@ -145,19 +82,11 @@ def check_memory(cfg: TrainConfig, vocab_size: int, ctx: Context) -> None:
         )
 
 
-def param_groups(model, weight_decay: float):
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (decay if p.dim() >= 2 else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def build_optimizer(cfg: TrainConfig, model, ctx: Context):
-    groups = param_groups(model, cfg.weight_decay)
+def build_optimizer(cfg: TrainConfig, model):
+    groups = model.optimizer_groups(cfg.weight_decay)
     if cfg.optimizer == "adamw":
-        fused = ctx.device.type == "cuda"
-        return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused or None)
+        # The fused kernel keeps its step counts on the device: no host read per step.
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=True)
     from ..optim import Shampoo, nested_block_splits
 
     return Shampoo(
@@ -173,27 +102,11 @@ def build_optimizer(cfg: TrainConfig, model, ctx: Context):
     )
 
 
-def loss_weights(cfg: TrainConfig) -> tuple[float, float, float]:
-    w_s, w_ta, w_d = cfg.loss_weights
-    return {"matta": (w_s, w_ta, w_d), "student": (w_s, 0.0, 0.0), "ta": (0.0, w_ta, 0.0)}[cfg.mode]
-
-
 def total_steps(cfg: TrainConfig, world: int) -> int:
     if cfg.tokens is not None:
         per_step = cfg.batch_size * cfg.block_size * cfg.grad_accum * world
         return max(1, math.ceil(cfg.tokens / per_step))
     return cfg.steps
-
-
-def flops_per_token(model, cfg: TrainConfig) -> float:
-    """Training FLOPs per token counted over the streams the mode trains (6 N + attention)."""
-    counts = modeling.stream_sizes(model)
-    streams = {"matta": ("student", "ta"), "student": ("student",), "ta": ("ta",)}[cfg.mode]
-    total = 0.0
-    for s in streams:
-        n_params, n_layer, width = counts[s]
-        total += 6 * n_params + 12 * n_layer * width * cfg.block_size
-    return total
 
 
 def peak_flops(device: torch.device) -> float | None:
@@ -203,14 +116,8 @@ def peak_flops(device: torch.device) -> float | None:
     return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
 
 
-def _write_json_atomic(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
 def _rng_state(device) -> dict:
-    state = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1])}
+    state = {"torch": torch.get_rng_state()}
     if device.type == "cuda":
         state["cuda"] = torch.cuda.get_rng_state(device)
     return state
@@ -218,8 +125,7 @@ def _rng_state(device) -> dict:
 
 def _set_rng_state(state: dict, device) -> None:
     torch.set_rng_state(state["torch"])
-    random.setstate((3, tuple(state["python"]), None))
-    if device.type == "cuda" and "cuda" in state:
+    if device.type == "cuda":
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
@@ -239,11 +145,25 @@ class Run:
 
     # -- set-up ---------------------------------------------------------------------------
 
+    def _settle_threads(self) -> None:
+        """The CPU thread count: as given, else the one the run recorded (on --resume), else
+        the default; then recorded in the config. A count that differs from the recorded one
+        changes rounding, so the resumed run would not end where an uninterrupted one does."""
+        recorded = runs.read_config(self.run_dir).threads if self.resume else None
+        threads = self.cfg.threads or recorded or default_threads()
+        if recorded is not None and threads != recorded:
+            warnings.warn(f"--threads {threads} differs from the {recorded} thread(s) this run started with: "
+                          "it will not end bit-identical to an uninterrupted run", stacklevel=2)
+        torch.set_num_threads(threads)
+        self.cfg = dataclasses.replace(self.cfg, threads=threads)
+
     def setup(self):
-        cfg, ctx = self.cfg, self.ctx
+        ctx = self.ctx
         ckpt_path = latest_checkpoint(self.run_dir) if self.resume else None
         if self.resume and ckpt_path is None:
             raise CheckpointError(f"--resume: {self.run_dir} has no checkpoint yet; drop --resume to start a new run")
+        self._settle_threads()
+        cfg = self.cfg
         self.data: Data = load_data(
             cfg.data,
             block_size=cfg.block_size,
@@ -254,12 +174,20 @@ class Run:
             bin_dtype=cfg.bin_dtype,
         )
         check_memory(cfg, self.data.vocab_size, ctx)
-        torch.manual_seed(cfg.seed)
-        random.seed(cfg.seed)
-        self.model = modeling.build_model(cfg, self.data.vocab_size).to(ctx.device)
-        self.forward = torch.compile(self.model) if cfg.compile else self.model
-        self.optimizer = build_optimizer(cfg, self.model, ctx)
-        self.teacher = modeling.load_teacher(cfg.teacher, self.data.vocab_size, ctx.device) if cfg.teacher else None
+        torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+        self.model = runs.build_model(cfg, self.data.vocab_size).to(ctx.device)
+        torch.manual_seed(cfg.seed + 1 + ctx.rank)  # but each rank its own dropout masks
+        criterion = criterion_for(cfg.mode, cfg.loss_weights, rampup_steps=cfg.rampup_steps,
+                                  rampup_start=cfg.rampup_start, rampup=cfg.rampup, temperature=cfg.temperature)
+        if "ta" not in criterion.streams:  # nothing reaches the TA-only layers: no gradient to wait for
+            for p in self.model.ta_only_parameters():
+                p.requires_grad_(False)
+        self.objective = LMObjective(self.model, criterion)
+        self.engine = parallel.wrap(self.objective, ctx, cfg)
+        if cfg.compile:
+            self.model.compile()
+        self.optimizer = build_optimizer(cfg, self.model)
+        self.teacher = runs.load_teacher(cfg.teacher, self.data.vocab_size, ctx.device) if cfg.teacher else None
         self.max_steps = total_steps(cfg, ctx.world)
         self.step = 0
         if ckpt_path is not None:
@@ -268,18 +196,21 @@ class Run:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "metrics.jsonl").write_text("")
         if ctx.master:
-            _write_json_atomic(self.run_dir / "config.json", json.loads(cfg.to_json()))
+            write_json_atomic(self.run_dir / "config.json", json.loads(cfg.to_json()))
             if self.data.tokenizer is not None:
-                (self.run_dir / "tokenizer.json").write_text(self.data.tokenizer.to_json())
-            modeling.save_model_info(self.run_dir, self.model, self.data.vocab_size)
+                write_text_atomic(self.run_dir / "tokenizer.json", self.data.tokenizer.to_json())
+            runs.write_model_info(self.run_dir, self.model, self.data.vocab_size)
         self.val = self.data.val_blocks(cfg.eval_tokens or None)
-        self.flops_per_token = flops_per_token(self.model, cfg)
+        self.flops_per_token = self.model.flops_per_token(cfg.block_size, criterion.streams)
         self.peak = peak_flops(ctx.device)
+        self.batches = StepBatches(self.data.train, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum,
+                                   rank=ctx.rank, world=ctx.world, device=ctx.device)
+        self._all_finite = torch.ones((), dtype=torch.bool, device=ctx.device)
 
     def _restore(self, path: Path):
         ckpt = load_checkpoint(path)
         try:
-            self.model.load_state_dict(ckpt["model"])
+            parallel.load_model_state(self.engine, self.objective, ckpt["model"])
         except RuntimeError as exc:
             first = str(exc).strip().splitlines()
             raise CheckpointError(
@@ -287,15 +218,21 @@ class Run:
                 "resume with the run's own model settings (drop the model flags) or start a new --out"
             ) from None
         try:
-            self.optimizer.load_state_dict(ckpt["optimizer"])
+            parallel.load_optimizer_state(self.engine, self.objective, self.optimizer, ckpt["optimizer"])
         except (KeyError, ValueError, RuntimeError, TypeError) as exc:
             raise CheckpointError(
                 f"checkpoint {path} has optimizer state that does not fit --optimizer {self.cfg.optimizer} ({exc}); "
                 "resume with the run's own --optimizer"
             ) from None
-        state = ckpt["state"]
-        self.step = int(state["step"])
-        _set_rng_state(state["rng"], self.ctx.device)
+        self.step = ckpt["step"]
+        states = ckpt["state"].get("rng")  # one per rank of the run that wrote it
+        if not isinstance(states, list):
+            raise CheckpointError(f"checkpoint {path} was written by an older matta and cannot be resumed exactly; "
+                                  "start a new run (--overwrite) or use the older matta to finish it")
+        if len(states) != self.ctx.world:
+            warnings.warn(f"{path} was written by {len(states)} process(es), this run has {self.ctx.world}: "
+                          "it continues, but not bit-identical to an uninterrupted run", stacklevel=2)
+        _set_rng_state(states[self.ctx.rank % len(states)], self.ctx.device)
         if self.ctx.master:  # drop records written after the checkpoint by the interrupted run
             metrics = self.run_dir / "metrics.jsonl"
             kept = []
@@ -303,62 +240,54 @@ class Run:
                 for line in metrics.read_text().splitlines():
                     if line.strip() and json.loads(line)["step"] <= self.step:
                         kept.append(line)
-            metrics.write_text("".join(k + "\n" for k in kept))
+            write_text_atomic(metrics, "".join(k + "\n" for k in kept))
         self.log(f"matta: resumed from {path} at step {self.step}")
 
     # -- one step ---------------------------------------------------------------------------
 
-    def _micro_step(self, x, y, ramp: float, scale: float):
-        cfg = self.cfg
-        with self.ctx.autocast():
-            out = modeling.matta_loss(
-                self.forward, self.model, x, y,
-                weights=loss_weights(cfg), ramp=ramp, temperature=cfg.temperature,
-                mode=cfg.mode, teacher=self.teacher,
-            )
-        (out.loss * scale).backward()
-        return [out.loss.item(), out.student.item(), out.ta.item(), out.distill.item()]
-
-    def _sync_gradients(self):
-        if self.ctx.world == 1:
-            return
-        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        flat = torch._utils._flatten_dense_tensors(grads)
-        dist.all_reduce(flat)
-        flat /= self.ctx.world
-        for g, synced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
-            g.copy_(synced)
-
     def train_step(self) -> dict:
-        cfg, ctx = self.cfg, self.ctx
+        """One optimizer step. Returns its record with the losses and the gradient norm still
+        on the device (`read_record` brings them to the host)."""
+        cfg = self.cfg
         step = self.step
         lr = learning_rate(step, lr=cfg.lr, min_lr=cfg.min_lr if cfg.min_lr is not None else cfg.lr / 10,
                            warmup_steps=cfg.warmup_steps, max_steps=self.max_steps)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        ramp = distill_ramp(step, start=cfg.rampup_start, steps=cfg.rampup_steps, shape=cfg.rampup)
-        sums = [0.0] * 4
-        for micro in range(cfg.grad_accum):
-            # Step `step` reads one global batch, split over ranks and then micro-batches, so
-            # the batch of a step does not depend on how it is divided.
-            part, parts = ctx.rank * cfg.grad_accum + micro, ctx.world * cfg.grad_accum
-            x, y = self.data.train.batch(step, cfg.batch_size, part, parts)
-            parts = self._micro_step(x.to(ctx.device), y.to(ctx.device), ramp, 1.0 / cfg.grad_accum)
-            sums = [a + b / cfg.grad_accum for a, b in zip(sums, parts)]
-        self._sync_gradients()
+        losses = torch.zeros(len(LOSS_KEYS), dtype=torch.float64, device=self.ctx.device)
+        batches = self.batches.take(step)
+        for micro, (x, y) in enumerate(batches):
+            with parallel.gradient_sync(self.engine, sync=micro == len(batches) - 1):
+                with self.ctx.autocast():
+                    out = self.engine(x, y, step, teacher=self.teacher)
+                (out.loss / cfg.grad_accum).backward()
+            losses += torch.stack([out.loss, out.student, out.ta, out.distill]).detach().double() / cfg.grad_accum
         grad_norm = None
         if cfg.grad_clip > 0:
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip).item()
+            grad_norm = parallel.local_value(torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        loss, l_s, l_ta, l_d = ctx.all_mean(sums)
-        if not math.isfinite(loss):
+        if self.step < self.max_steps:
+            self.batches.prefetch(self.step)
+        self._all_finite &= torch.isfinite(losses).all()
+        return {"step": self.step, "lr": lr, "ramp": out.ramp, "losses": losses, "grad_norm": grad_norm}
+
+    def read_record(self, rec: dict) -> dict:
+        """The step record with plain numbers: one host read (and one all-reduce across ranks).
+        Raises FloatingPointError if any loss since the start was NaN or inf."""
+        norm = rec["grad_norm"]
+        flags = [torch.zeros(1, dtype=torch.float64, device=self.ctx.device) if norm is None else norm.reshape(1).double(),
+                 self._all_finite.reshape(1).double()]
+        values = self.ctx.mean_over_ranks(torch.cat([rec["losses"], *flags])).tolist()
+        if values[-1] < 1.0:
+            check_loss_inputs()  # a loss input at fault (NaN, a bad target) is named; else the loss itself overflowed
             raise FloatingPointError(
-                f"the loss became {loss} at step {step}; lower --lr or raise --warmup-steps"
+                f"the loss became NaN or inf by step {rec['step']}; lower --lr or raise --warmup-steps"
             )
-        return {"step": self.step, "lr": lr, "ramp": ramp, "loss": loss, "loss_student": l_s,
-                "loss_ta": l_ta, "loss_distill": l_d, "grad_norm": grad_norm}
+        out = {"step": rec["step"], "lr": rec["lr"], "ramp": rec["ramp"], **dict(zip(LOSS_KEYS, values))}
+        out["grad_norm"] = None if norm is None else values[len(LOSS_KEYS)]
+        return out
 
     # -- bookkeeping --------------------------------------------------------------------------
 
@@ -367,129 +296,164 @@ class Run:
             with open(self.run_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(rec) + "\n")
 
-    def evaluate_nested(self) -> tuple[float, float]:
+    def whole_model(self):
+        """The nested model with whole weights on rank 0 (None elsewhere); a collective under FSDP."""
+        model = parallel.whole_model(self.engine, self.objective, lambda: runs.build_model(self.cfg, self.data.vocab_size),
+                                     self.ctx.device)
+        return model if self.ctx.master else None
+
+    def evaluate_nested(self, model) -> tuple[float, float]:
         batch = max(1, min(self.cfg.batch_size, 64))
         ls, lt = validation_loss(
-            self.model, self.val, batch_size=batch, device=self.ctx.device,
+            model, self.val, batch_size=batch, device=self.ctx.device,
             output="all", autocast_dtype=self.ctx.amp_dtype,
         )
         return ls, lt
 
     def save(self):
-        if not self.ctx.master:
-            return
-        state = {"step": self.step, "data_index": self.step, "rng": _rng_state(self.ctx.device),
-                 "max_steps": self.max_steps}
-        save_checkpoint(self.run_dir, self.step, self.model.state_dict(), self.optimizer.state_dict(), state,
-                        keep=max(1, self.cfg.keep_checkpoints))
+        """Writes a checkpoint: the whole model and optimizer state, the step (which fixes the
+        data position and the schedules) and every rank's random state. Every rank calls it."""
+        model_state, optimizer_state = parallel.full_state(self.engine, self.objective, self.optimizer)
+        rng = self.ctx.gather(_rng_state(self.ctx.device))
+        if self.ctx.master:
+            save_checkpoint(self.run_dir, self.step, model_state, optimizer_state, {"rng": rng},
+                            keep=max(1, self.cfg.keep_checkpoints))
 
-    def train(self) -> dict:
-        """Trains to the last step, then evaluates and reports; returns the results."""
+    def train(self, report: bool = True) -> dict:
+        """Trains to the last step, then evaluates and (with `report`) prints the table and draws
+        report.png; returns the results (empty on ranks other than 0)."""
         self.setup()
         cfg, ctx = self.cfg, self.ctx
         tokens_per_step = cfg.batch_size * cfg.block_size * cfg.grad_accum * ctx.world
         self.log(f"matta: data: {self.data.description}")
-        sizes = modeling.stream_sizes(self.model)
+        student, ta = self.model.stream_shape("student"), self.model.stream_shape("ta")
         self.log(
-            f"matta: model {cfg.model}: Student {sizes['student'][0] / 1e6:.2f}M, TA {sizes['ta'][0] / 1e6:.2f}M "
+            f"matta: model {cfg.model}: Student {student.matmul_parameters / 1e6:.2f}M, TA {ta.matmul_parameters / 1e6:.2f}M "
             f"parameters (non-embedding + head); mode {cfg.mode}, optimizer {cfg.optimizer}, device {ctx.device}"
             f"{'' if ctx.device.type == 'cuda' else f' ({torch.get_num_threads()} threads)'}, "
-            f"{ctx.world} process(es), {self.max_steps} steps of {tokens_per_step} tokens"
+            f"{ctx.world} process(es){f' ({cfg.parallel})' if ctx.world > 1 else ''}, "
+            f"{self.max_steps} steps of {tokens_per_step} tokens"
         )
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=self.max_steps, initial=self.step, disable=not (cfg.progress and ctx.master),
-                   dynamic_ncols=True, file=sys.stderr, desc="train")
-        t_last, tokens_since = time.perf_counter(), 0
+        progress = Progress(self.max_steps, self.step, cfg.progress and ctx.master, self.log)
+        t_last, steps_since = time.perf_counter(), 0
         try:
             while self.step < self.max_steps:
                 rec = self.train_step()
-                tokens_since += tokens_per_step
-                now = time.perf_counter()
-                tok_s = tokens_since / max(now - t_last, 1e-9)
-                mfu = tok_s * self.flops_per_token / self.peak if self.peak else None
-                postfix = {"L_S": f"{rec['loss_student']:.3f}", "L_TA": f"{rec['loss_ta']:.3f}",
-                           "L_D": f"{rec['loss_distill']:.3f}", "tok/s": f"{tok_s:,.0f}"}
-                if mfu is not None:
-                    postfix["MFU"] = f"{100 * mfu:.1f}%"
-                bar.set_postfix(postfix, refresh=False)
-                bar.update(1)
+                steps_since += 1
+                progress.advance()
                 last = self.step == self.max_steps
-                if self.step % cfg.log_interval == 0 or last or self.step == 1:
-                    rec.update({"kind": "train", "tokens": self.step * tokens_per_step, "tokens_per_s": tok_s, "mfu": mfu})
-                    self._record(rec)
-                    t_last, tokens_since = time.perf_counter(), 0
-                if ctx.master and ((cfg.eval_interval and self.step % cfg.eval_interval == 0) or last):
-                    ls, lt = self.evaluate_nested()
+                log_now = self.step % cfg.log_interval == 0 or last or self.step == 1
+                eval_now = (cfg.eval_interval and self.step % cfg.eval_interval == 0) or last
+                save_now = (cfg.checkpoint_interval and self.step % cfg.checkpoint_interval == 0) or last
+                if not (log_now or eval_now or save_now):
+                    continue
+                values = self.read_record(rec)  # the one host sync of these steps
+                if log_now:
+                    tok_s = steps_since * tokens_per_step / max(time.perf_counter() - t_last, 1e-9)
+                    mfu = tok_s * self.flops_per_token / self.peak if self.peak else None
+                    values.update({"kind": "train", "tokens": self.step * tokens_per_step, "tokens_per_s": tok_s,
+                                   "mfu": mfu})
+                    self._record(values)
+                    progress.show(values)
+                model = self.whole_model() if eval_now else None
+                if model is not None:
+                    ls, lt = self.evaluate_nested(model)
                     self._record({"kind": "eval", "step": self.step, "val_student": ls, "val_ta": lt})
-                    bar.write(f"step {self.step}: val loss Student {ls:.4f}, TA {lt:.4f}")
-                if (cfg.checkpoint_interval and self.step % cfg.checkpoint_interval == 0) or last:
+                    shown = {"student": f"Student {ls:.4f}", "ta": f"TA {lt:.4f}"}
+                    progress.write(f"step {self.step}: val loss "
+                                   + ", ".join(shown[s] for s in self.objective.criterion.streams))
+                if save_now:
                     self.save()
+                if log_now:  # tokens/s counts training only, not evaluations or checkpoints
+                    t_last, steps_since = time.perf_counter(), 0
         finally:
-            bar.close()
-        results = self.final_evaluation()
+            progress.close()
+        nested = self.whole_model()  # a collective under FSDP, so before the group closes
+        self.engine = self.objective  # drop DDP's hold on the process group before it closes
         self.ctx.close()
+        if nested is None:
+            return {}
+        results = self.final_evaluation(nested)
+        if report:
+            self.report(results)
         return results
 
     # -- the end ---------------------------------------------------------------------------------
 
-    def final_evaluation(self) -> dict:
+    def final_evaluation(self, nested) -> dict:
+        """Rank 0: the models cut out of `nested` (the Student alone for a Student-only run; else
+        the Student, the TA and the family) on the validation set, written to results.json."""
         cfg, ctx = self.cfg, self.ctx
-        if not ctx.master:
-            return {}
         rows = []
         batch = max(1, min(cfg.batch_size, 64))
-        for name, spec, model in modeling.extracted_models(self.model, family=cfg.family):
+        for name, spec, model in extracted_models(nested, family=cfg.family):
+            if cfg.mode == "student" and spec != "student":  # the rest of the TA was never trained
+                continue
             model.to(ctx.device)
             loss = validation_loss(model, self.val, batch_size=batch, device=ctx.device, autocast_dtype=ctx.amp_dtype)
-            rows.append({"name": name, "spec": spec, "params": modeling.non_embedding_parameters(model),
+            rows.append({"name": name, "spec": spec, "about": describe(spec, cfg.mode),
+                         "params": model.num_parameters(non_embedding=True),
                          "total_params": sum(p.numel() for p in model.parameters()),
                          "val_loss": loss, "perplexity": perplexity(loss)})
             model.to("cpu")
         results = {"step": self.step, "val_tokens": int(self.val[:, 1:].numel()), "models": rows}
-        _write_json_atomic(self.run_dir / "results.json", results)
-        self.log(format_table(rows, title=f"validation ({results['val_tokens']:,} tokens) after {self.step} steps"))
-        from ..report import make_report
-
-        path = make_report(self.run_dir)
-        self.log(f"matta: wrote {path} (loss curves, size vs quality) and {self.run_dir / 'results.json'}")
+        write_json_atomic(self.run_dir / "results.json", results)
         return results
 
+    def report(self, results: dict) -> None:
+        """Prints the final table and draws RUN_DIR/report.png."""
+        self.log(format_table(results["models"],
+                              title=f"validation ({results['val_tokens']:,} tokens) after {results['step']} steps"))
+        path = make_report(self.run_dir)
+        self.log(f"matta: wrote {path} (loss curves, size vs quality) and {self.run_dir / 'results.json'}")
+
+
+BASELINE_DIR = "baseline"
+
+
+def describe(spec: str, mode: str) -> str:
+    """What a row of the final table is, in words."""
+    if spec == "student":
+        return {"matta": "Student cut from the MatTA TA", "ta": "Student slice of a TA trained alone",
+                "student": "Student trained alone"}[mode]
+    if spec == "ta":
+        return "TA trained alone" if mode == "ta" else "TA of the MatTA run"
+    k = int(spec.split(":")[1])
+    return f"lowest {k // 2} and highest {k // 2} layers wide, the rest narrow"
+
+
+def train(cfg: TrainConfig, *, resume: bool = False, log=print) -> dict:
+    """`matta train`: the run in `cfg.out`, then (for a single-process MatTA run with
+    `cfg.baseline`) the Student trained alone on the same data, steps and seed in
+    RUN_DIR/baseline, whose row joins the final table. `resume` continues whichever of the
+    two was interrupted."""
+    run = Run(cfg, resume=resume, log=log)
+    with_baseline = cfg.baseline and cfg.mode == "matta" and run.ctx.world == 1
+    results = run.train(report=not with_baseline)
+    if not with_baseline:
+        return results
+    base_dir = Path(cfg.out) / BASELINE_DIR
+    base_cfg = dataclasses.replace(cfg, out=str(base_dir), mode="student", baseline=False, family=False,
+                                   threads=run.cfg.threads)
+    log(f"matta: baseline: the Student trained alone, same data, steps and seed, in {base_dir}")
+    base_resume = resume and latest_checkpoint(base_dir) is not None
+    if not base_resume:  # a fresh baseline must not inherit the checkpoints of an older one
+        shutil.rmtree(base_dir / "checkpoints", ignore_errors=True)
+    base = Run(base_cfg, resume=base_resume, log=lambda *a, **k: log("baseline:", *a, **k)).train(report=False)
+    row = dict(base["models"][0], name="Student alone", spec=BASELINE_DIR, about="baseline: " + describe("student", "student"))
+    results["models"].append(row)
+    write_json_atomic(Path(cfg.out) / "results.json", results)
+    run.report(results)
+    return results
 
 def format_table(rows: list[dict], title: str = "") -> str:
-    """The final table: model, parameters (non-embedding), validation loss, perplexity."""
-    head = ("model", "params (non-emb)", "val loss", "perplexity")
-    lines = [[r["name"], f"{r['params'] / 1e6:.3f}M", f"{r['val_loss']:.4f}", f"{r['perplexity']:.2f}"] for r in rows]
+    """The final table: model, parameters (non-embedding), validation loss, perplexity, what it is."""
+    head = ("model", "params (non-emb)", "val loss", "perplexity", "what it is")
+    lines = [[r["name"], f"{r['params'] / 1e6:.3f}M", f"{r['val_loss']:.4f}", f"{r['perplexity']:.2f}", r.get("about", "")]
+             for r in rows]
     widths = [max(len(h), *(len(l[i]) for l in lines)) for i, h in enumerate(head)]
-    fmt = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
+    fmt = lambda cells: "  ".join(c.ljust(w) if i in (0, len(head) - 1) else c.rjust(w)  # noqa: E731
+                                  for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
     rule = "-" * len(fmt(head))
     out = ([title] if title else []) + [fmt(head), rule] + [fmt(l) for l in lines]
     return "\n".join(out)
-
-
-def load_run(run_dir, device="cpu"):
-    """(config, model with the latest checkpoint's weights, tokenizer) of a run directory."""
-    run_dir = Path(run_dir)
-    cfg_path = run_dir / "config.json"
-    if not cfg_path.is_file():
-        raise CheckpointError(f"{run_dir} is not a matta run directory (no config.json); pass the --out of `matta train`")
-    try:
-        cfg = make_config({k: tuple(v) if k == "loss_weights" else v for k, v in json.loads(cfg_path.read_text()).items()})
-    except (json.JSONDecodeError, TypeError, ConfigError) as exc:
-        raise CheckpointError(f"{cfg_path} is unreadable ({exc}); rerun `matta train` for this run") from None
-    ckpt_path = latest_checkpoint(run_dir)
-    if ckpt_path is None:
-        raise CheckpointError(f"{run_dir} has no checkpoint; train it first (`matta train --out {run_dir}`)")
-    ckpt = load_checkpoint(ckpt_path)
-    tok_path = run_dir / "tokenizer.json"
-    tokenizer = tokenizer_from_json(tok_path.read_text()) if tok_path.is_file() else None
-    try:
-        vocab = int(json.loads((run_dir / "model.json").read_text())["vocab_size"])
-    except (OSError, json.JSONDecodeError, KeyError, ValueError):
-        raise CheckpointError(f"{run_dir / 'model.json'} is missing or unreadable; the run directory is incomplete") from None
-    model = modeling.build_model(cfg, vocab)
-    try:
-        model.load_state_dict(ckpt["model"])
-    except RuntimeError:
-        raise CheckpointError(f"checkpoint {ckpt_path} does not fit the model in {cfg_path}; the run directory is mixed up") from None
-    return cfg, model.to(device).eval(), tokenizer
