@@ -154,7 +154,7 @@ def _grid(*rates) -> dict:
 PRESETS = {
     "tiny": StudyPreset(
         "tiny", _train_flags("gpt2-tiny", 1024, 2, 128, 16, 65536, 200, "--max-preconditioner-dim", "256"),
-        steps=1000, data="stdlib", lr_grid=_grid(1e-3, 3e-3, 1e-2),
+        steps=400, data="stdlib", lr_grid=_grid(1e-3, 3e-3, 1e-2),
         note="GPT-2 tiny (4 layers, d 128, FFN 512) nested in a TA with FFN 1024 and 2 TA-only layers; "
              "sized for a 2-core CPU.",
         # A 2-layer GAU classifier, d 32, expansion 16 (TA 64): measured at 750 steps of 64 examples,
@@ -291,6 +291,8 @@ def job_for(settings: StudySettings, out: Path, arm: Arm, seed: int, lr: float, 
              "--seed", str(seed)]
     flags += ["--max-steps", str(steps_override)] if steps_override is not None else list(settings.budget_flags())
     flags += list(kind.flags)
+    if kind.mode == "matta":  # the study's own Student-alone arms are the baseline
+        flags.append("--no-baseline")
     if kind.needs == "teacher":
         flags += ["--teacher", str(settings.teacher)]
     return Job(arm, seed, lr, tuple(flags), run_dir_of(out, arm.name, seed, lr))
@@ -448,12 +450,12 @@ def metric_of(run_dir: Path, spec: str, metric: str) -> float:
 
 
 def flops_per_token(run_dir: Path, mode: str) -> float:
-    """Training FLOPs per token of a run's model when trained in `mode` (the trainer's count)."""
-    # The trainer owns the FLOP count; reading it from a finished run keeps one definition.
-    from .train.trainer import flops_per_token as trainer_flops, load_run
+    """Training FLOPs per token of a run's model when trained in `mode` (the model's count)."""
+    from .runs import load_run
 
     cfg, model, _ = load_run(run_dir)
-    return trainer_flops(model, dataclasses.replace(cfg, mode=mode))
+    streams = {"student": ("student",), "ta": ("ta",)}.get(mode, ("student", "ta"))
+    return model.flops_per_token(cfg.block_size, streams)
 
 
 # ----------------------------------------------------------------------------------------
