@@ -256,3 +256,30 @@ def evaluate_classifier(model, evaluation: EvaluationSet, *, batch_size: int = 5
     teacher_loss = -(evaluation.soft_labels.double() * logp).sum(1).mean().item()
     area = auroc(scores, evaluation.labels)
     return {"auc_loss": 1.0 - area, "auroc": area, "teacher_loss": teacher_loss}
+
+
+class ClassificationData:
+    """A RelevanceTask as training data, in the shape the trainer reads (`matta train --task
+    classify`): `train.batch(index, batch_size, rank, world_size)` -> (ids, the Teacher's soft
+    labels), and a fixed validation set of `validation_examples` examples with binary labels."""
+
+    tokenizer = None
+
+    def __init__(self, task: RelevanceTask, seed: int, validation_examples: int = 8192):
+        self.task = task
+        self.train = task.batches(seed)
+        self.validation = task.evaluation_set("val", validation_examples)
+        self.vocab_size = task.vocab_size
+        self.block_size = task.seq_len
+
+    @property
+    def provenance(self) -> dict:
+        return self.task.describe()
+
+    @property
+    def description(self) -> str:
+        t, v = self.task, self.validation
+        return (f"synthetic relevance task ({t.user_len} user + {t.item_len} item tokens, {t.vocab_size} ids, "
+                f"{t.features} interaction features, task seed {t.seed}); the Teacher's soft labels; AucLoss on "
+                f"{len(v.ids):,} fixed validation examples (ground truth {v.oracle_auc_loss():.4f}, "
+                f"Teacher {v.teacher_auc_loss():.4f})")

@@ -50,21 +50,25 @@ def make_report(run_dir, path=None) -> Path:
     ax_loss.legend(fontsize=8)
 
     config_path = run_dir / "config.json"
-    mode = json.loads(config_path.read_text()).get("mode", "matta") if config_path.is_file() else "matta"
+    config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+    mode = config.get("mode", "matta")
+    # A classifier (--task classify) is judged by AucLoss, a language model by its loss.
+    key, metric, label = (("auc_loss_", "auc_loss", "validation AucLoss (1 - AUROC)") if config.get("task") == "classify"
+                          else ("val_", "val_loss", "validation loss"))
     if evals:
         e_steps = [r["step"] for r in evals]
         if mode != "ta":
-            ax_val.plot(e_steps, [r["val_student"] for r in evals], "o-", color="tab:blue", ms=5,
+            ax_val.plot(e_steps, [r[key + "student"] for r in evals], "o-", color="tab:blue", ms=5,
                         label="Student (MatTA)" if mode == "matta" else "Student")
         if mode != "student":
-            ax_val.plot(e_steps, [r["val_ta"] for r in evals], "s--", color="tab:orange", ms=4,
+            ax_val.plot(e_steps, [r[key + "ta"] for r in evals], "s--", color="tab:orange", ms=4,
                         label="TA (MatTA)" if mode == "matta" else "TA")
     baseline = [r for r in read_metrics(run_dir / "baseline") if r.get("kind") == "eval"]
     if baseline:
-        ax_val.plot([r["step"] for r in baseline], [r["val_student"] for r in baseline], "x:", color="black",
+        ax_val.plot([r["step"] for r in baseline], [r[key + "student"] for r in baseline], "x:", color="black",
                     label="Student trained alone", ms=6)
     ax_val.set_xlabel("step")
-    ax_val.set_ylabel("validation loss")
+    ax_val.set_ylabel(label)
     ax_val.set_title("what MatTA bought the Student" if baseline else "validation")
     ax_val.grid(alpha=0.3)
     if evals or baseline:
@@ -74,8 +78,8 @@ def make_report(run_dir, path=None) -> Path:
     models = [m for m in everything if m["spec"] != "baseline"]  # the line joins the models cut from one TA
     if everything:
         xs = [m["params"] / 1e6 for m in everything]
-        ys = [m["val_loss"] for m in everything]
-        ax_size.plot([m["params"] / 1e6 for m in models], [m["val_loss"] for m in models], "-", color="0.6", zorder=1)
+        ys = [m[metric] for m in everything]
+        ax_size.plot([m["params"] / 1e6 for m in models], [m[metric] for m in models], "-", color="0.6", zorder=1)
         for m, x, y in zip(everything, xs, ys):
             style = {"student": ("tab:blue", "o", 80), "ta": ("tab:orange", "s", 80),
                      "baseline": ("black", "x", 80)}.get(m["spec"], ("tab:purple", "^", 40))
@@ -83,7 +87,7 @@ def make_report(run_dir, path=None) -> Path:
             label = m["name"].replace("wide-narrow-wide ", "WNW ")
             ax_size.annotate(label, (x, y), textcoords="offset points", xytext=(4, 6), fontsize=8)
     ax_size.set_xlabel("non-embedding parameters (M)")
-    ax_size.set_ylabel("validation loss")
+    ax_size.set_ylabel(label)
     ax_size.set_title("size vs quality of extracted models (Mix'n'Match)")
     ax_size.grid(alpha=0.3)
 

@@ -18,6 +18,7 @@ import json
 from pathlib import Path
 
 from ._atomic import write_json_atomic
+from .classification import NUM_CLASSES
 from .data import tokenizer_from_json
 from .models import GAU_PRESETS, GPT2_PRESETS, GAUConfig, GPT2Config, NestedGAU, NestedGPT2, NestedLM, NestingConfig
 from .models import load_hf_gpt2
@@ -43,7 +44,11 @@ def model_configs(cfg: TrainConfig, vocab_size: int):
     for name in ("n_layer", "n_embd"):
         if getattr(cfg, name) is not None:
             overrides[name] = getattr(cfg, name)
-    if cfg.block_size > presets[cfg.model].n_positions:
+    if cfg.task == "classify":
+        if kind != "gau":
+            raise ConfigError(f"--task classify trains a GAU classifier; use a gau-* model, not {cfg.model!r}")
+        overrides.update(num_classes=NUM_CLASSES, n_positions=cfg.block_size)
+    elif cfg.block_size > presets[cfg.model].n_positions:
         overrides["n_positions"] = cfg.block_size
     # The FFN width is n_inner (4 d) for GPT-2 and the expansion e (2 d) for GAU.
     ffn_field, ffn_per_width = ("n_inner", 4) if kind == "gpt2" else ("expansion", 2)

@@ -17,6 +17,7 @@ MODES = ("matta", "student", "ta")
 OPTIMIZERS = ("adamw", "shampoo")
 DTYPES = ("auto", "bf16", "fp32")
 PARALLEL = ("ddp", "fsdp")
+TASKS = ("lm", "classify")
 
 
 class ConfigError(ValueError):
@@ -43,6 +44,9 @@ class TrainConfig:
     n_head_ta: int | None = _opt("TA heads with d_model nesting", default=None)
     dropout: float = _opt("dropout probability", default=0.0)
     # data
+    task: str = _opt("lm: language modelling on --data; classify: the synthetic relevance task of "
+                     "matta.classification (a GAU classifier on a Teacher's soft labels, scored by AucLoss; "
+                     "--data, --block-size and --eval-tokens do not apply)", choices=TASKS, default="lm")
     data: str = _opt("builtin, a text file or folder, a .bin file (or folder with train.bin/val.bin), or hf:NAME", default="builtin")
     tokenizer: str = _opt("auto (BPE for text), bpe, bytes, gpt2 (tiktoken)", choices=("auto", "bpe", "bytes", "gpt2"), default="auto")
     vocab_size: int | None = _opt("BPE vocabulary to train (default 2048), or the vocabulary of .bin data", default=None)
@@ -189,7 +193,7 @@ def validate(cfg: TrainConfig) -> None:
         value = getattr(cfg, name)
         need(value is None or value >= 0, f"--{name.replace('_', '-')} must be >= 0, got {value}")
     for name, choices in (("mode", MODES), ("optimizer", OPTIMIZERS), ("dtype", DTYPES), ("rampup", RAMP_SCHEDULES),
-                          ("parallel", PARALLEL),
+                          ("parallel", PARALLEL), ("task", TASKS),
                           ("tokenizer", FIELDS["tokenizer"].metadata["choices"]), ("bin_dtype", ("uint16", "uint32")),
                           ("extra_layer_positions", ("interleave", "top", "bottom"))):
         value = getattr(cfg, name)
@@ -202,6 +206,9 @@ def validate(cfg: TrainConfig) -> None:
     need(cfg.grad_clip >= 0, f"--grad-clip must be >= 0, got {cfg.grad_clip}")
     need(all(w >= 0 for w in cfg.loss_weights), f"--loss-weights must be >= 0, got {cfg.loss_weights}")
     need(cfg.max_steps is None or cfg.tokens is None, "give --max-steps or --tokens, not both")
+    if cfg.task == "classify":
+        need(cfg.data == "builtin", "--task classify trains on the synthetic relevance task; drop --data")
+        need(cfg.teacher is None, "--task classify has its own Teacher (the task's soft labels); drop --teacher")
     device = cfg.device
     need(device in ("auto", "cpu", "cuda") or device.startswith("cuda:"), f"--device must be auto, cpu, cuda or cuda:N, got {device!r}")
     need(not (cfg.parallel == "fsdp" and cfg.optimizer == "shampoo"),

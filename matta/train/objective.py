@@ -51,3 +51,27 @@ class LMObjective(nn.Module):
             with torch.no_grad():
                 spec = teacher_spec(teacher, x)
         return self.criterion.fused_linear(h_s, h_ta, self.model.lm_head_weight, y, step, teacher=spec)
+
+
+class ClassifierObjective(nn.Module):
+    """The same for a nested two-class classifier (`matta train --task classify`): `y` holds
+    the Teacher's soft labels (B, 2). Both streams go through the full-logits MatTA loss (the
+    head is 2 wide: nothing to chunk); one stream alone through `fused_linear`'s one-stream
+    path, which computes that stream's label term only."""
+
+    def __init__(self, model: NestedLM, criterion: MatTALoss):
+        super().__init__()
+        self.model = model
+        self.criterion = criterion
+        streams = criterion.streams
+        self.stream = streams[0] if len(streams) == 1 else None
+
+    def forward(self, x, y, step: int, teacher: nn.Module | None = None):
+        if teacher is not None:
+            raise ValueError("a classifier is trained on the task's own Teacher; pass teacher=None")
+        if self.stream is None:
+            logits_s, logits_ta = self.model(x)
+            return self.criterion(logits_s, logits_ta, y, step)
+        h_s, h_ta = self.model(x, return_hidden=True, stream=self.stream)
+        head = self.model.head
+        return self.criterion.fused_linear(h_s, h_ta, head.weight, y, step, bias=head.bias)

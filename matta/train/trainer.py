@@ -34,6 +34,7 @@ import torch
 
 from .. import runs
 from .._atomic import write_json_atomic, write_text_atomic
+from ..classification import ClassificationData, RelevanceTask, evaluate_classifier
 from ..data import Data, load_data
 from ..extraction import extracted_models
 from ..losses import check_loss_inputs
@@ -44,7 +45,7 @@ from .batches import StepBatches
 from .checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import ConfigError, TrainConfig
 from .context import Context, available_memory, default_threads
-from .objective import LMObjective, criterion_for
+from .objective import ClassifierObjective, LMObjective, criterion_for
 from .progress import Progress
 from .schedule import learning_rate
 
@@ -164,15 +165,19 @@ class Run:
             raise CheckpointError(f"--resume: {self.run_dir} has no checkpoint yet; drop --resume to start a new run")
         self._settle_threads()
         cfg = self.cfg
-        self.data: Data = load_data(
-            cfg.data,
-            block_size=cfg.block_size,
-            seed=cfg.seed,
-            tokenizer=cfg.tokenizer,
-            vocab_size=cfg.vocab_size,
-            val_fraction=cfg.val_fraction,
-            bin_dtype=cfg.bin_dtype,
-        )
+        if cfg.task == "classify":
+            self.data = ClassificationData(RelevanceTask(), cfg.seed)
+            cfg = self.cfg = dataclasses.replace(cfg, block_size=self.data.block_size)  # the task's length
+        else:
+            self.data: Data = load_data(
+                cfg.data,
+                block_size=cfg.block_size,
+                seed=cfg.seed,
+                tokenizer=cfg.tokenizer,
+                vocab_size=cfg.vocab_size,
+                val_fraction=cfg.val_fraction,
+                bin_dtype=cfg.bin_dtype,
+            )
         check_memory(cfg, self.data.vocab_size, ctx)
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
         self.model = runs.build_model(cfg, self.data.vocab_size).to(ctx.device)
@@ -182,7 +187,8 @@ class Run:
         if "ta" not in criterion.streams:  # nothing reaches the TA-only layers: no gradient to wait for
             for p in self.model.ta_only_parameters():
                 p.requires_grad_(False)
-        self.objective = LMObjective(self.model, criterion)
+        objective = ClassifierObjective if cfg.task == "classify" else LMObjective
+        self.objective = objective(self.model, criterion)
         self.engine = parallel.wrap(self.objective, ctx, cfg)
         if cfg.compile:
             self.model.compile()
@@ -200,7 +206,7 @@ class Run:
             if self.data.tokenizer is not None:
                 write_text_atomic(self.run_dir / "tokenizer.json", self.data.tokenizer.to_json())
             runs.write_model_info(self.run_dir, self.model, self.data.vocab_size)
-        self.val = self.data.val_blocks(cfg.eval_tokens or None)
+        self.val = self.data.validation if cfg.task == "classify" else self.data.val_blocks(cfg.eval_tokens or None)
         self.flops_per_token = self.model.flops_per_token(cfg.block_size, criterion.streams)
         self.peak = peak_flops(ctx.device)
         self.batches = StepBatches(self.data.train, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum,
@@ -302,13 +308,28 @@ class Run:
                                      self.ctx.device)
         return model if self.ctx.master else None
 
-    def evaluate_nested(self, model) -> tuple[float, float]:
+    def evaluate_nested(self, model) -> dict:
+        """The eval record of the nested model: validation loss of the Student and the TA (for
+        a classifier, cross-entropy against the Teacher's soft labels, and AucLoss)."""
+        if self.cfg.task == "classify":
+            s, ta = (evaluate_classifier(model, self.val, output=i, device=self.ctx.device) for i in (0, 1))
+            return {"val_student": s["teacher_loss"], "val_ta": ta["teacher_loss"],
+                    "auc_loss_student": s["auc_loss"], "auc_loss_ta": ta["auc_loss"]}
         batch = max(1, min(self.cfg.batch_size, 64))
         ls, lt = validation_loss(
             model, self.val, batch_size=batch, device=self.ctx.device,
             output="all", autocast_dtype=self.ctx.amp_dtype,
         )
-        return ls, lt
+        return {"val_student": ls, "val_ta": lt}
+
+    def score(self, model) -> dict:
+        """The final table's numbers for one extracted model."""
+        if self.cfg.task == "classify":
+            out = evaluate_classifier(model, self.val, device=self.ctx.device)
+            return {"auc_loss": out["auc_loss"], "auroc": out["auroc"], "val_loss": out["teacher_loss"]}
+        batch = max(1, min(self.cfg.batch_size, 64))
+        loss = validation_loss(model, self.val, batch_size=batch, device=self.ctx.device, autocast_dtype=self.ctx.amp_dtype)
+        return {"val_loss": loss, "perplexity": perplexity(loss)}
 
     def save(self):
         """Writes a checkpoint: the whole model and optimizer state, the step (which fixes the
@@ -357,10 +378,11 @@ class Run:
                     progress.show(values)
                 model = self.whole_model() if eval_now else None
                 if model is not None:
-                    ls, lt = self.evaluate_nested(model)
-                    self._record({"kind": "eval", "step": self.step, "val_student": ls, "val_ta": lt})
-                    shown = {"student": f"Student {ls:.4f}", "ta": f"TA {lt:.4f}"}
-                    progress.write(f"step {self.step}: val loss "
+                    scores = self.evaluate_nested(model)
+                    self._record({"kind": "eval", "step": self.step, **scores})
+                    key, what = ("auc_loss", "AucLoss") if cfg.task == "classify" else ("val", "val loss")
+                    shown = {"student": f"Student {scores[key + '_student']:.4f}", "ta": f"TA {scores[key + '_ta']:.4f}"}
+                    progress.write(f"step {self.step}: {what} "
                                    + ", ".join(shown[s] for s in self.objective.criterion.streams))
                 if save_now:
                     self.save()
@@ -385,25 +407,32 @@ class Run:
         the Student, the TA and the family) on the validation set, written to results.json."""
         cfg, ctx = self.cfg, self.ctx
         rows = []
-        batch = max(1, min(cfg.batch_size, 64))
         for name, spec, model in extracted_models(nested, family=cfg.family):
             if cfg.mode == "student" and spec != "student":  # the rest of the TA was never trained
                 continue
             model.to(ctx.device)
-            loss = validation_loss(model, self.val, batch_size=batch, device=ctx.device, autocast_dtype=ctx.amp_dtype)
             rows.append({"name": name, "spec": spec, "about": describe(spec, cfg.mode),
                          "params": model.num_parameters(non_embedding=True),
-                         "total_params": sum(p.numel() for p in model.parameters()),
-                         "val_loss": loss, "perplexity": perplexity(loss)})
+                         "total_params": sum(p.numel() for p in model.parameters()), **self.score(model)})
             model.to("cpu")
-        results = {"step": self.step, "val_tokens": int(self.val[:, 1:].numel()), "models": rows}
+        results = {"step": self.step, "models": rows}
+        if cfg.task == "classify":
+            results.update(task=self.data.provenance, val_examples=len(self.val.ids),
+                           oracle_auc_loss=self.val.oracle_auc_loss(), teacher_auc_loss=self.val.teacher_auc_loss())
+        else:
+            results["val_tokens"] = int(self.val[:, 1:].numel())
         write_json_atomic(self.run_dir / "results.json", results)
         return results
 
     def report(self, results: dict) -> None:
         """Prints the final table and draws RUN_DIR/report.png."""
-        self.log(format_table(results["models"],
-                              title=f"validation ({results['val_tokens']:,} tokens) after {results['step']} steps"))
+        if "val_examples" in results:
+            title = (f"validation ({results['val_examples']:,} examples; AucLoss of the ground truth "
+                     f"{results['oracle_auc_loss']:.4f}, of the Teacher {results['teacher_auc_loss']:.4f}) "
+                     f"after {results['step']} steps")
+        else:
+            title = f"validation ({results['val_tokens']:,} tokens) after {results['step']} steps"
+        self.log(format_table(results["models"], title=title))
         path = make_report(self.run_dir)
         self.log(f"matta: wrote {path} (loss curves, size vs quality) and {self.run_dir / 'results.json'}")
 
@@ -447,10 +476,16 @@ def train(cfg: TrainConfig, *, resume: bool = False, log=print) -> dict:
     return results
 
 def format_table(rows: list[dict], title: str = "") -> str:
-    """The final table: model, parameters (non-embedding), validation loss, perplexity, what it is."""
-    head = ("model", "params (non-emb)", "val loss", "perplexity", "what it is")
-    lines = [[r["name"], f"{r['params'] / 1e6:.3f}M", f"{r['val_loss']:.4f}", f"{r['perplexity']:.2f}", r.get("about", "")]
-             for r in rows]
+    """The final table: model, parameters (non-embedding), validation loss and perplexity (for
+    a classifier: AucLoss, AUROC and cross-entropy against the Teacher), what it is."""
+    if rows and "auc_loss" in rows[0]:
+        head = ("model", "params (non-emb)", "AucLoss", "AUROC", "CE vs Teacher", "what it is")
+        lines = [[r["name"], f"{r['params'] / 1e6:.3f}M", f"{r['auc_loss']:.4f}", f"{r['auroc']:.4f}",
+                  f"{r['val_loss']:.4f}", r.get("about", "")] for r in rows]
+    else:
+        head = ("model", "params (non-emb)", "val loss", "perplexity", "what it is")
+        lines = [[r["name"], f"{r['params'] / 1e6:.3f}M", f"{r['val_loss']:.4f}", f"{r['perplexity']:.2f}",
+                  r.get("about", "")] for r in rows]
     widths = [max(len(h), *(len(l[i]) for l in lines)) for i, h in enumerate(head)]
     fmt = lambda cells: "  ".join(c.ljust(w) if i in (0, len(head) - 1) else c.rjust(w)  # noqa: E731
                                   for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
