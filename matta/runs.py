@@ -68,6 +68,7 @@ def model_configs(cfg: TrainConfig, vocab_size: int):
             extra_layer_positions=cfg.extra_layer_positions,
             d_model_ta=cfg.d_model_ta,
             n_head_ta=cfg.n_head_ta,
+            share_weights=cfg.share_weights,
         )
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"bad model configuration: {exc}") from None

@@ -55,7 +55,7 @@ class ArmKind:
     label: str
     mode: str
     flags: tuple[str, ...] = ()
-    needs: str | None = None  # a `matta train` setting the arm cannot run without
+    teacher: bool = False  # trains against `--teacher`
     in_paper: bool = True
 
 
@@ -66,11 +66,10 @@ ARM_KINDS = {
         ArmKind("ta", "TA alone", "ta"),
         ArmKind("matta", "MatTA", "matta"),
         ArmKind("student-flops", "Student alone, FLOPs of MatTA", "student", in_paper=False),
-        ArmKind("matta-unshared", "MatTA, unshared Student", "matta", ("--no-share-weights", "--no-family"),
-                needs="share_weights"),
+        ArmKind("matta-unshared", "MatTA, unshared Student", "matta", ("--no-share-weights", "--no-family")),
         ArmKind("matta-wd0", "MatTA, w_D = 0", "matta", ("--loss-weights", "1,1,0"), in_paper=False),
-        ArmKind("teacher-student", "Teacher-Student", "student", needs="teacher"),
-        ArmKind("teacher-matta", "Teacher-TA-Student", "matta", needs="teacher"),
+        ArmKind("teacher-student", "Teacher-Student", "student", teacher=True),
+        ArmKind("teacher-matta", "Teacher-TA-Student", "matta", teacher=True),
     )
 }
 CORE_ARMS = ("student-adamw", "student-shampoo", "ta-adamw", "ta-shampoo", "matta-adamw", "matta-shampoo")
@@ -115,7 +114,7 @@ def parse_arms(text: str, teacher: str | None) -> list[Arm]:
     if not names:
         raise StudyError("--arms names no arm; give a comma list of arms, core or all")
     arms = [parse_arm(n) for n in dict.fromkeys(names)]
-    if teacher is None and any(a.kind.needs == "teacher" for a in arms):
+    if teacher is None and any(a.kind.teacher for a in arms):
         raise StudyError("the teacher-* arms need --teacher PATH (a matta run directory or a Hugging Face GPT-2 folder)")
     return arms
 
@@ -293,29 +292,9 @@ def job_for(settings: StudySettings, out: Path, arm: Arm, seed: int, lr: float, 
     flags += list(kind.flags)
     if kind.mode == "matta":  # the study's own Student-alone arms are the baseline
         flags.append("--no-baseline")
-    if kind.needs == "teacher":
+    if kind.teacher:
         flags += ["--teacher", str(settings.teacher)]
     return Job(arm, seed, lr, tuple(flags), run_dir_of(out, arm.name, seed, lr))
-
-
-def train_settings() -> set[str]:
-    """The settings `matta train` has (its flags), to tell which arms it can run."""
-    from .train.config import FIELDS
-
-    return set(FIELDS)
-
-
-def check_arms_runnable(arms: list[Arm], settings: StudySettings) -> None:
-    have = train_settings()
-    for arm in arms:
-        if arm.kind.needs not in (None, "teacher") and arm.kind.needs not in have:
-            raise StudyError(
-                f"arm {arm.name} needs `matta train --{arm.kind.needs.replace('_', '-')}`, which this version of the "
-                "trainer does not have yet; leave the arm out of --arms"
-            )
-    if settings.task != "lm" and "task" not in have:
-        raise StudyError(f"--task {settings.task} needs `matta train --task`, which this version of the trainer "
-                         "does not have yet; run the language-model study (--task lm)")
 
 
 # ----------------------------------------------------------------------------------------
@@ -650,7 +629,6 @@ def run_from_args(args, log=print) -> int:
                              str(Path(args.teacher).resolve()) if args.teacher else None, parse_lrs(args.lr),
                              args.device, args.threads)
     arms = parse_arms(args.arms, settings.teacher)
-    check_arms_runnable(arms, settings)
     out = Path(args.out)
     command = "matta study " + " ".join(getattr(args, "argv", []) or [])
     study = Study(settings, arms, out, args.jobs, command.strip(), log)

@@ -315,7 +315,7 @@ def init_check(data: StudyData) -> str:
         for seed in range(data.state["settings"]["seeds"]):
             # Teacher arms are left out: their loss is measured against the Teacher's labels.
             values = [runs[seed].first_losses.get(key) for arm, runs in data.runs.items()
-                      if seed in runs and data.mode(arm) in modes and parse_arm(arm).kind.needs != "teacher"]
+                      if seed in runs and data.mode(arm) in modes and not parse_arm(arm).kind.teacher]
             values = [v for v in values if isinstance(v, (int, float)) and math.isfinite(v) and v > 0]
             if len(values) > 1:
                 compared += 1

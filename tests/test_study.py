@@ -16,7 +16,6 @@ from matta.study import (
     parse_arms,
     parse_lrs,
     run_dir_of,
-    train_settings,
     write_json,
 )
 from matta.study_report import load_study, verdict, write_report
@@ -94,13 +93,21 @@ def test_usage_errors(tmp_path, capsys, argv, message):
     assert message in err and len(err.splitlines()) == 1 and "Traceback" not in err
 
 
-def test_arms_the_trainer_cannot_run_yet_are_refused(tmp_path, capsys):
-    if "share_weights" not in train_settings():
-        assert main(["study", "--quick", "--out", str(tmp_path / "s"), "--arms", "matta-unshared-adamw"]) == 2
-        assert "--share-weights" in capsys.readouterr().err
-    if "task" not in train_settings():
-        assert main(["study", "--quick", "--out", str(tmp_path / "t"), "--task", "classify"]) == 2
-        assert "--task" in capsys.readouterr().err
+@pytest.mark.slow
+def test_quick_classification_study_scores_arms_by_auc_loss(tmp_path):
+    out = tmp_path / "classify"
+    argv = ["study", "--quick", "--task", "classify", "--seeds", "1", "--arms", "student-adamw,ta-adamw,matta-adamw",
+            "--jobs", "2", "--out", str(out)]
+    assert main(argv) == 0
+    state = json.loads((out / "study.json").read_text())
+    assert state["metric"] == "auc_loss" and state["settings"]["task"] == "classify"
+    text = (out / "RESULTS.md").read_text()
+    assert "metric: auc_loss" in text and "Student AucLoss" in text
+    matta_run = out / state["runs"]["matta-adamw"]["0"]
+    config = json.loads((matta_run / "config.json").read_text())
+    assert config["task"] == "classify" and config["baseline"] is False  # the study's Student-alone arm is the baseline
+    rows = json.loads((matta_run / "results.json").read_text())["models"]
+    assert {r["spec"] for r in rows} >= {"student", "ta"} and all(0 < r["auc_loss"] < 1 for r in rows)
 
 
 def test_arm_lists():

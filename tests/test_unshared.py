@@ -104,3 +104,31 @@ def test_what_an_unshared_model_does_not_offer():
         NestingConfig(share_weights="no")
     with pytest.raises(ValueError, match="shared model only"):
         NestedGPT2.from_hf_gpt2("unused", NestingConfig(share_weights=False))
+
+
+def test_matta_train_runs_the_unshared_ablation(tmp_path):
+    """`matta train --no-share-weights`: the Student trains its own Dense weights, the run
+    reloads as an unshared model, and the table's Student row is that Student's loss."""
+    from matta.runs import load_run
+    from matta.scoring import validation_loss
+    from matta.train import ConfigError, make_config, train
+
+    common = dict(data="builtin", tokenizer="bytes", n_layer=2, n_embd=32, n_head=2, ffn=64, ffn_ta=128,
+                  block_size=16, batch_size=4, max_steps=3, warmup_steps=1, eval_interval=0, eval_tokens=256,
+                  progress=False, threads=1, optimizer="shampoo", start_preconditioning_step=1,
+                  precondition_frequency=1)
+    cfg = make_config(dict(common, out=str(tmp_path / "run"), share_weights=False, family=False, baseline=False))
+    results = train(cfg, log=lambda *a, **k: None)
+    rows = {r["spec"]: r for r in results["models"]}
+    assert set(rows) == {"student", "ta"} and "unshared" in rows["student"]["about"]
+    run_cfg, model, _ = load_run(tmp_path / "run")
+    assert not run_cfg.share_weights and not model.nest.share_weights
+    layer = model.blocks[0].mlp.c_fc
+    assert not torch.equal(layer.student_weight, layer.weight[: layer.student_weight.shape[0], : layer.student_weight.shape[1]])
+    from matta.data import load_data
+
+    val = load_data("builtin", block_size=16, tokenizer="bytes").val_blocks(256)
+    assert rows["student"]["val_loss"] == pytest.approx(validation_loss(extract(model, "student"), val, batch_size=4), abs=1e-6)
+    for changes, message in ((dict(mode="student"), "--mode matta"), (dict(family=True), "--no-family")):
+        with pytest.raises(ConfigError, match=message):
+            make_config({**common, "out": str(tmp_path / "bad"), "share_weights": False, "family": False, **changes})

@@ -42,6 +42,9 @@ class TrainConfig:
     extra_layer_positions: str = _opt("where TA-only layers go: interleave, top, bottom", default="interleave")
     d_model_ta: int | None = _opt("TA width d_model (d_model nesting; default: the Student's)", default=None)
     n_head_ta: int | None = _opt("TA heads with d_model nesting", default=None)
+    share_weights: bool = _opt("the Student's Dense layers are the TA's leading blocks (the paper's MatTA); "
+                               "--no-share-weights gives the Student its own (the unshared ablation, --mode matta "
+                               "only; Student and TA extraction only)", default=True)
     dropout: float = _opt("dropout probability", default=0.0)
     # data
     task: str = _opt("lm: language modelling on --data; classify: the synthetic relevance task of "
@@ -206,6 +209,10 @@ def validate(cfg: TrainConfig) -> None:
     need(cfg.grad_clip >= 0, f"--grad-clip must be >= 0, got {cfg.grad_clip}")
     need(all(w >= 0 for w in cfg.loss_weights), f"--loss-weights must be >= 0, got {cfg.loss_weights}")
     need(cfg.max_steps is None or cfg.tokens is None, "give --max-steps or --tokens, not both")
+    if not cfg.share_weights:
+        need(cfg.mode == "matta", "--no-share-weights is the unshared MatTA ablation; use it with --mode matta "
+                                  "(a Student or TA trained alone shares with nothing)")
+        need(not cfg.family, "--no-share-weights cuts only the Student and the TA out of the run; add --no-family")
     if cfg.task == "classify":
         need(cfg.data == "builtin", "--task classify trains on the synthetic relevance task; drop --data")
         need(cfg.teacher is None, "--task classify has its own Teacher (the task's soft labels); drop --teacher")

@@ -411,7 +411,7 @@ class Run:
             if cfg.mode == "student" and spec != "student":  # the rest of the TA was never trained
                 continue
             model.to(ctx.device)
-            rows.append({"name": name, "spec": spec, "about": describe(spec, cfg.mode),
+            rows.append({"name": name, "spec": spec, "about": describe(spec, cfg.mode, cfg.share_weights),
                          "params": model.num_parameters(non_embedding=True),
                          "total_params": sum(p.numel() for p in model.parameters()), **self.score(model)})
             model.to("cpu")
@@ -440,8 +440,10 @@ class Run:
 BASELINE_DIR = "baseline"
 
 
-def describe(spec: str, mode: str) -> str:
+def describe(spec: str, mode: str, shared: bool = True) -> str:
     """What a row of the final table is, in words."""
+    if spec == "student" and not shared:
+        return "Student of the unshared MatTA run (its own weights)"
     if spec == "student":
         return {"matta": "Student cut from the MatTA TA", "ta": "Student slice of a TA trained alone",
                 "student": "Student trained alone"}[mode]
