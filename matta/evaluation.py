@@ -19,17 +19,15 @@ such logits (a nested model's `(logits_s, logits_ta)`: pick one with `output=`).
 from __future__ import annotations
 
 import json
-import math
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from .data import tokenizer_from_json
 from .extraction import extract
 from .hf import FORMAT_FILE, load_extracted
 from .runs import load_run
+from .scoring import perplexity, validation_loss
 
 __all__ = [
     "LMScorer", "TaskError", "load_run", "load_scorer", "load_tokenizer", "tokenizer_from_json", "stream_model",
@@ -49,49 +47,6 @@ def _logits(model, idx, output):
             raise TypeError("the model returns several logits; pass output=0 (Student) or output=1 (TA)")
         out = out[output]
     return out
-
-
-@torch.no_grad()
-def validation_loss(model, blocks: torch.Tensor, *, batch_size: int = 16, device=None, output=None, autocast_dtype=None) -> float:
-    """Mean next-token cross-entropy (nats) of `model` over `blocks` (N, T+1) of token ids.
-
-    `output` picks one logits tensor of a model that returns several; `output="all"`
-    returns one loss per returned tensor (a nested model's Student and TA in one pass).
-    """
-    if len(blocks) == 0:
-        raise ValueError("no validation blocks to evaluate")
-    device = torch.device(device) if device is not None else next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    totals = None
-    count = 0
-    ctx = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None else nullcontext()
-    try:
-        for i in range(0, len(blocks), batch_size):
-            rows = blocks[i : i + batch_size].to(device)
-            x, y = rows[:, :-1], rows[:, 1:]
-            with ctx:
-                out = model(x)
-            outs = list(out) if isinstance(out, (tuple, list)) else [out]
-            if output not in (None, "all"):
-                outs = [outs[output]]
-            losses = [
-                F.cross_entropy(o.float().reshape(-1, o.shape[-1]), y.reshape(-1), reduction="sum").item() for o in outs
-            ]
-            totals = losses if totals is None else [a + b for a, b in zip(totals, losses)]
-            count += y.numel()
-    finally:
-        model.train(was_training)
-    means = [t / count for t in totals]
-    if output == "all":
-        return means
-    if len(means) > 1:
-        raise TypeError("the model returns several logits; pass output=0, 1 or 'all'")
-    return means[0]
-
-
-def perplexity(loss: float) -> float:
-    return math.exp(min(loss, 700.0))
 
 
 class LMScorer:
