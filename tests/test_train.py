@@ -306,7 +306,7 @@ def test_tokens_budget_sets_the_steps(tmp_path, corpus):
 def test_the_default_run_ends_with_the_student_trained_alone(tmp_path, corpus):
     """`train` adds the baseline row: a Student-only run on the same data, steps and seed,
     whose numbers equal those of that run made on its own."""
-    results = train(tiny(tmp_path, corpus, max_steps=3, family=False))
+    results = train(tiny(tmp_path, corpus, max_steps=3, family=False), alongside=False)
     alone = Run(tiny(tmp_path, corpus, "alone", mode="student", max_steps=3, family=False)).train()
     rows = {m["spec"]: m for m in results["models"]}
     assert list(rows) == ["student", "ta", "baseline"]
@@ -316,6 +316,25 @@ def test_the_default_run_ends_with_the_student_trained_alone(tmp_path, corpus):
     assert json.loads((tmp_path / "run" / "results.json").read_text()) == results
     assert json.loads((tmp_path / "run" / "baseline" / "config.json").read_text())["mode"] == "student"
     assert [m["spec"] for m in alone["models"]] == ["student"]  # a Student-only run reports its Student only
+
+
+def test_the_baseline_alongside_in_a_second_process_gives_the_same_numbers(tmp_path, corpus):
+    """With a spare core the baseline trains in a second process while the MatTA run trains:
+    the same results, bit for bit, as one after the other; its output goes to its log."""
+    after = train(tiny(tmp_path, corpus, "after", max_steps=3, family=False), alongside=False)
+    said = []
+    beside = train(tiny(tmp_path, corpus, "beside", max_steps=3, family=False), alongside=True, log=said.append)
+    assert beside["models"] == after["models"]
+    assert any("alongside in a second process" in line for line in said)
+    assert "val loss Student" in (tmp_path / "beside" / "baseline" / "train.log").read_text()
+
+
+def test_a_failed_baseline_process_is_named(tmp_path, corpus, monkeypatch):
+    cfg = tiny(tmp_path, corpus, max_steps=2, family=False)
+    (tmp_path / "run" / "baseline").mkdir(parents=True)
+    (tmp_path / "run" / "baseline" / "checkpoints").write_text("not a folder")  # the child cannot checkpoint
+    with pytest.raises(RuntimeError, match="baseline run .* failed"):
+        train(cfg, alongside=True, log=lambda *a: None)
 
 
 def test_no_baseline_for_single_stream_runs_or_when_switched_off(tmp_path, corpus):
@@ -338,7 +357,7 @@ def test_a_run_killed_in_its_baseline_resumes_exactly(tmp_path, corpus, monkeypa
 
     monkeypatch.setattr(Run, "train_step", crash_in_baseline)
     with pytest.raises(KeyboardInterrupt):
-        train(cfg)
+        train(cfg, alongside=False)  # in this process, where the crash is patched in
     monkeypatch.setattr(Run, "train_step", real_step)
     resumed = train(cfg, resume=True)
     assert resumed == straight | {"models": resumed["models"]}

@@ -25,7 +25,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import multiprocessing
+import os
 import shutil
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -453,29 +456,77 @@ def describe(spec: str, mode: str, shared: bool = True) -> str:
     return f"lowest {k // 2} and highest {k // 2} layers wide, the rest narrow"
 
 
-def train(cfg: TrainConfig, *, resume: bool = False, log=print) -> dict:
+def spare_core() -> bool:
+    """Whether this process may use at least two cores (so a second one-thread run fits)."""
+    try:
+        return len(os.sched_getaffinity(0)) >= 2
+    except AttributeError:  # not Linux
+        return (os.cpu_count() or 1) >= 2
+
+
+def _train_baseline_process(cfg: TrainConfig, resume: bool, log_path: str) -> None:
+    """The baseline run in a process of its own (a `spawn` child), its output in `log_path`."""
+    with open(log_path, "a", buffering=1) as out:
+        sys.stdout = sys.stderr = out
+        Run(cfg, resume=resume).train(report=False)
+
+
+def train(cfg: TrainConfig, *, resume: bool = False, log=print, alongside: bool | None = None) -> dict:
     """`matta train`: the run in `cfg.out`, then (for a single-process MatTA run with
     `cfg.baseline`) the Student trained alone on the same data, steps and seed in
     RUN_DIR/baseline, whose row joins the final table. `resume` continues whichever of the
-    two was interrupted."""
+    two was interrupted.
+
+    `alongside` (default: when a one-thread run leaves a core spare) trains the baseline in
+    a second process at the same time instead of afterwards, writing its output to
+    RUN_DIR/baseline/train.log. Both runs are one-thread and deterministic, so the numbers
+    are the same either way; only the wall time halves (about)."""
     run = Run(cfg, resume=resume, log=log)
     with_baseline = cfg.baseline and cfg.mode == "matta" and run.ctx.world == 1
-    results = run.train(report=not with_baseline)
     if not with_baseline:
-        return results
+        return run.train()
     base_dir = Path(cfg.out) / BASELINE_DIR
-    base_cfg = dataclasses.replace(cfg, out=str(base_dir), mode="student", baseline=False, family=False,
-                                   threads=run.cfg.threads)
-    log(f"matta: baseline: the Student trained alone, same data, steps and seed, in {base_dir}")
+    # The baseline's thread count is the run's: as given, else (on resume) the recorded one, else the default.
+    threads = cfg.threads or (runs.read_config(base_dir).threads if resume and (base_dir / "config.json").is_file()
+                              else None) or default_threads()
+    base_cfg = dataclasses.replace(cfg, out=str(base_dir), mode="student", baseline=False, family=False, threads=threads)
     base_resume = resume and latest_checkpoint(base_dir) is not None
     if not base_resume:  # a fresh baseline must not inherit the checkpoints of an older one
         shutil.rmtree(base_dir / "checkpoints", ignore_errors=True)
-    base = Run(base_cfg, resume=base_resume, log=lambda *a, **k: log("baseline:", *a, **k)).train(report=False)
+    if alongside is None:
+        alongside = threads == 1 and spare_core()
+    what = f"matta: baseline: the Student trained alone, same data, steps and seed, in {base_dir}"
+    child = None
+    if alongside:
+        base_dir.mkdir(parents=True, exist_ok=True)
+        log_path = base_dir / "train.log"
+        log(f"{what}, alongside in a second process (its log: {log_path})")
+        base_cfg = dataclasses.replace(base_cfg, progress=False)
+        child = multiprocessing.get_context("spawn").Process(
+            target=_train_baseline_process, args=(base_cfg, base_resume, str(log_path)), name="matta-baseline")
+        child.start()
+    try:
+        results = run.train(report=False)
+        if child is not None:
+            child.join()
+            if child.exitcode != 0:
+                tail = "".join(log_path.read_text().splitlines(keepends=True)[-5:]) if log_path.is_file() else ""
+                raise RuntimeError(f"the baseline run (the Student trained alone, {base_dir}) failed with exit code "
+                                   f"{child.exitcode}; its log {log_path} ends:\n{tail}rerun with --resume to continue it")
+            base = json.loads((base_dir / "results.json").read_text())
+        else:
+            log(what)
+            base = Run(base_cfg, resume=base_resume, log=lambda *a, **k: log("baseline:", *a, **k)).train(report=False)
+    finally:
+        if child is not None and child.is_alive():  # the main run stopped: so does the baseline
+            child.terminate()
+            child.join()
     row = dict(base["models"][0], name="Student alone", spec=BASELINE_DIR, about="baseline: " + describe("student", "student"))
     results["models"].append(row)
     write_json_atomic(Path(cfg.out) / "results.json", results)
     run.report(results)
     return results
+
 
 def format_table(rows: list[dict], title: str = "") -> str:
     """The final table: model, parameters (non-embedding), validation loss and perplexity (for
