@@ -275,8 +275,18 @@ def cmd_bench(args) -> int:
 
 def cmd_study(args) -> int:
     from .study import run_from_args
+    from .study_report import write_report
 
-    return run_from_args(args, log=lambda message: print(message, flush=True))
+    def log(message):
+        print(message, flush=True)
+
+    study = run_from_args(args, log=log)
+    path = write_report(study.out)
+    log(f"matta study: wrote {path} and {study.out / 'study.png'}")
+    if study.failed:
+        log(f"matta study: {len(study.failed)} run(s) failed; rerun the same command to retry them")
+        return 1
+    return 0
 
 
 def _add_study_flags(p: argparse.ArgumentParser) -> None:

@@ -3,7 +3,8 @@
 A study is a set of ordinary `matta train` runs (one per arm and seed), run side by side as
 subprocesses through the command line, so each is a run directory that `matta eval` and
 `matta extract` accept, and the study depends on the trainer only through its flags, its
-results.json and (for FLOP counts) `load_run` and the trainer's FLOP count. Then `matta.study_report` turns the runs into DIR/RESULTS.md and DIR/study.png.
+results.json and (for FLOP counts) `load_run` and the model's FLOP count. Then
+`matta.study_report` turns the runs into DIR/RESULTS.md and DIR/study.png.
 
 Layout of DIR:
     study.json                the settings (checked on resume), chosen learning rates, sweep
@@ -604,8 +605,9 @@ def parse_lrs(text: str | None) -> dict:
     return out
 
 
-def run_from_args(args, log=print) -> int:
-    """`matta study`: runs (or resumes) the study, then writes RESULTS.md and study.png."""
+def run_from_args(args, log=print) -> Study:
+    """`matta study`'s runs: checks the arguments, then runs (or resumes) every run of the
+    study; returns it (`study.failed` lists the runs that failed)."""
     if args.preset not in PRESETS:
         raise StudyError(f"--preset must be one of {', '.join(PRESETS)}, got {args.preset!r}")
     if args.seeds < 1 or args.jobs < 1 or args.threads < 1:
@@ -637,12 +639,5 @@ def run_from_args(args, log=print) -> int:
         f"{args.jobs} job(s) side by side -> {out}")
     if not classify:
         study.data_provenance = warm_data_cache(settings)
-    ok = study.run()
-    from .study_report import write_report
-
-    path = write_report(out)
-    log(f"matta study: wrote {path} and {out / 'study.png'}")
-    if not ok:
-        log(f"matta study: {len(study.failed)} run(s) failed; rerun the same command to retry them")
-        return 1
-    return 0
+    study.run()
+    return study
