@@ -292,8 +292,9 @@ def family_claims(data: StudyData, opt: str, out: list) -> None:
                     "held" if n_ok == len(members) else "not supported at this budget"))
 
 
-def budget_check(data: StudyData) -> str | None:
-    """Whether TA alone beats Student alone by more than twice the seed spread (AdamW)."""
+def budget_check(data: StudyData) -> list[str]:
+    """Per optimizer: whether TA alone beats Student alone by more than twice the seed spread."""
+    out = []
     for opt in ("adamw", "shampoo"):
         s, t = data.values(f"student-{opt}", "student"), data.values(f"ta-{opt}", "ta")
         if len(s) >= 2 and len(t) >= 2:
@@ -302,10 +303,10 @@ def budget_check(data: StudyData) -> str | None:
             spread = max(ss, st)
             margin = ms - mt
             met = margin > 2 * spread
-            return (f"TA alone ({opt}) beats Student alone by {margin:.4f} against a seed spread (largest std) of "
-                    f"{spread:.4f}: the criterion margin > 2 x spread is {'met' if met else 'NOT met'} at this budget"
-                    f"{'' if met else '; the comparisons below may be limited by the budget'}.")
-    return None
+            out.append(f"TA alone ({opt}) beats Student alone by {margin:.4f} against a seed spread (largest std) of "
+                       f"{spread:.4f}: the criterion margin > 2 x spread is {'met' if met else 'NOT met'} at this budget"
+                       f"{'' if met else f'; the {opt} comparisons below may be limited by the budget'}.")
+    return out
 
 
 def init_check(data: StudyData) -> str:
@@ -410,8 +411,7 @@ def write_report(out) -> Path:
         else:
             lines.append(f"- {opt}: {chosen:g} (fixed)")
     lines += ["", init_check(data), ""]
-    check = budget_check(data)
-    if check:
+    for check in budget_check(data):
         lines += [f"Budget: {check}", ""]
     lines += ["## Arms", "",
               "Mean ± std over seeds. Δ: per-seed paired difference from the baseline (95% t-interval), and the "
