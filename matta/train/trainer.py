@@ -477,7 +477,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, log=print, alongside: bool 
     RUN_DIR/baseline, whose row joins the final table. `resume` continues whichever of the
     two was interrupted.
 
-    `alongside` (default: when a one-thread run leaves a core spare) trains the baseline in
+    `alongside` (default: when a one-thread CPU run leaves a core spare) trains the baseline in
     a second process at the same time instead of afterwards, writing its output to
     RUN_DIR/baseline/train.log. Both runs are one-thread and deterministic, so the numbers
     are the same either way; only the wall time halves (about)."""
@@ -494,7 +494,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, log=print, alongside: bool 
     if not base_resume:  # a fresh baseline must not inherit the checkpoints of an older one
         shutil.rmtree(base_dir / "checkpoints", ignore_errors=True)
     if alongside is None:
-        alongside = threads == 1 and spare_core()
+        alongside = run.ctx.device.type == "cpu" and threads == 1 and spare_core()
     what = f"matta: baseline: the Student trained alone, same data, steps and seed, in {base_dir}"
     child = None
     if alongside:
