@@ -36,6 +36,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ._atomic import write_json_atomic
+
 OPTIMIZERS = ("adamw", "shampoo")
 TASKS = {"lm": "val_loss", "classify": "auc_loss"}  # the metric each task's arms are scored by
 
@@ -395,7 +397,7 @@ def add_wall_time(path: Path, seconds: float, rc: int) -> None:
     record = read_json(path) or {"seconds": 0.0, "segments": []}
     record["segments"].append({"seconds": round(seconds, 3), "exit_code": rc})
     record["seconds"] = round(sum(s["seconds"] for s in record["segments"]), 3)
-    write_json(path, record)
+    write_json_atomic(path, record)
 
 
 def read_json(path: Path):
@@ -403,13 +405,6 @@ def read_json(path: Path):
         return json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError):
         return None
-
-
-def write_json(path: Path, obj) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------------------
@@ -494,7 +489,7 @@ class Study:
             "data_provenance": self.data_provenance,
             "load_at_start": self.load_at_start,
         }
-        write_json(self.out / "study.json", state)
+        write_json_atomic(self.out / "study.json", state)
 
     def run(self) -> bool:
         """Runs (or resumes) every run of the study; True if all finished."""

@@ -16,8 +16,8 @@ from matta.study import (
     parse_arms,
     parse_lrs,
     run_dir_of,
-    write_json,
 )
+from matta._atomic import write_json_atomic as write_json
 from matta.study_report import load_study, verdict, write_report
 from matta.stats import mean_interval
 

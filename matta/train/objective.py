@@ -53,18 +53,11 @@ class LMObjective(nn.Module):
         return self.criterion.fused_linear(h_s, h_ta, self.model.lm_head_weight, y, step, teacher=spec)
 
 
-class ClassifierObjective(nn.Module):
+class ClassifierObjective(LMObjective):
     """The same for a nested two-class classifier (`matta train --task classify`): `y` holds
     the Teacher's soft labels (B, 2). Both streams go through the full-logits MatTA loss (the
     head is 2 wide: nothing to chunk); one stream alone through `fused_linear`'s one-stream
     path, which computes that stream's label term only."""
-
-    def __init__(self, model: NestedLM, criterion: MatTALoss):
-        super().__init__()
-        self.model = model
-        self.criterion = criterion
-        streams = criterion.streams
-        self.stream = streams[0] if len(streams) == 1 else None
 
     def forward(self, x, y, step: int, teacher: nn.Module | None = None):
         if teacher is not None:
