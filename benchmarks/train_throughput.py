@@ -29,6 +29,7 @@ Shampoo and with torch.compile if time is left. Random token ids stand in for da
 speed does not depend on them).
 """
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -46,7 +47,8 @@ import torch.nn.functional as F  # noqa: E402
 
 from matta.extraction import extract  # noqa: E402
 from matta.train import Run, make_config  # noqa: E402
-from matta.train.objective import LMObjective, criterion_for  # noqa: E402
+from matta.train.objective import Objective, criterion_for  # noqa: E402
+from matta.train.tasks import task_for  # noqa: E402
 
 MODES = ("student", "ta", "matta")
 
@@ -61,13 +63,11 @@ def setup_run(values: dict) -> Run:
 
 def nested_step(run: Run, mode: str):
     """One trainer step of `run` with the objective of `--mode mode` (single process)."""
-    cfg = run.cfg
-    objective = LMObjective(run.model, criterion_for(mode, cfg.loss_weights, rampup_steps=cfg.rampup_steps,
-                                                     rampup_start=cfg.rampup_start, rampup=cfg.rampup,
-                                                     temperature=cfg.temperature))
+    objective = Objective(run.task, run.model, criterion_for(dataclasses.replace(run.cfg, mode=mode)))
 
     def step():
         run.objective = run.engine = objective
+        run.schedule.criterion = objective.criterion
         run.train_step()
 
     return step
@@ -229,7 +229,7 @@ def gpu_benchmark(args) -> dict:
 
 
 def explain_report() -> list:
-    from matta.runs import build_model
+    from matta.train.run_dir import build_model
 
     rows = []
     for preset in ("gpt2-tiny", "gau-tiny"):
@@ -239,9 +239,8 @@ def explain_report() -> list:
         x = torch.randint(0, 2048, (2, 64))
         cases = [(f"model, stream={stream}", model, (x,), {"return_hidden": True, "stream": stream})
                  for stream in (None, "student", "ta")]
-        objective = LMObjective(model, criterion_for("matta", (1.0, 1.0, 1.0), rampup_steps=0, rampup_start=0,
-                                                     rampup="linear", temperature=1.0))
-        cases.append(("objective (model + fused loss)", objective, (x, torch.randint(0, 2048, (2, 64)), 0), {}))
+        objective = Objective(task_for(cfg), model, criterion_for(cfg))
+        cases.append(("objective (model + fused loss)", objective, (x, torch.randint(0, 2048, (2, 64))), {}))
         for what, module, args, kwargs in cases:
             torch._dynamo.reset()
             ex = torch._dynamo.explain(module)(*args, **kwargs)

@@ -28,7 +28,6 @@ sums the slices in order 0, 1, ... into the output: the same bits on every run (
 Offsets are int32 unless an operand spans 2^31 elements or more (`INT64`, chosen per launch).
 """
 import dataclasses
-import os
 
 import torch
 import triton
@@ -101,11 +100,9 @@ def _all_configs():
 
 
 def _prune_configs(configs, named_args, **kwargs):
-    """Autotune prune: the tile set of the operand kind; only the first with MATTA_AUTOTUNE=0
-    (GPU test runs, where tuning every new test shape would cost minutes)."""
+    """Autotune prune: the tile set of the operand kind."""
     wanted = tile_configs(named_args["a_ptr"].element_size(), kwargs["PRECISION"])
-    keep = [c for c in configs if _config_tuple(c) in wanted]
-    return keep[:1] if os.environ.get("MATTA_AUTOTUNE", "1") == "0" else keep
+    return [c for c in configs if _config_tuple(c) in wanted]
 
 
 @triton.jit

@@ -13,6 +13,7 @@ line naming the problem and the fix and exits with code 2; `--debug` shows the t
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -20,13 +21,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+from ._atomic import write_json_atomic
 from .data import DataError
 from .evaluation import TaskError
+from .ops.backend import BackendError, check_environment
 from .study import StudyError
 from .train.checkpoint import CheckpointError
 from .train.config import BOOL_FIELDS, FIELDS, ConfigError, coerce, load_toml, make_config
 
-USAGE_ERRORS = (ConfigError, DataError, CheckpointError, TaskError, StudyError)
+USAGE_ERRORS = (ConfigError, DataError, CheckpointError, TaskError, StudyError, BackendError)
 
 
 class CLIError(ValueError):
@@ -103,21 +106,21 @@ def cmd_train(args) -> int:
 
 
 def _parse_specs(text: str, depth: int) -> list[str]:
+    """Model specs from a comma list; `family` and `all` are this command line's own words."""
+    from .extraction import parse_spec
+
     specs = []
     for item in filter(None, (s.strip() for s in text.split(","))):
-        if item in ("student", "ta"):
-            specs.append(item)
-        elif item == "all":
+        if item == "all":
             specs += ["student", "ta", "family"]
         elif item == "family":
             specs.append("family")
-        elif item.startswith("wide_narrow_wide:"):
-            k = item.split(":", 1)[1]
-            if not k.isdigit() or int(k) % 2 or int(k) > depth:
-                raise CLIError(f"{item}: K must be an even number from 0 to the TA's {depth} layers")
-            specs.append(item)
         else:
-            raise CLIError(f"unknown model spec {item!r}; use student, ta, wide_narrow_wide:K, family or all")
+            try:
+                parse_spec(item, depth)
+            except ValueError as exc:
+                raise CLIError(f"{exc}; or use family or all") from None
+            specs.append(item)
     if not specs:
         raise CLIError("no model spec given; use student, ta, wide_narrow_wide:K, family or all")
     return list(dict.fromkeys(specs))
@@ -125,19 +128,17 @@ def _parse_specs(text: str, depth: int) -> list[str]:
 
 def _models_for(model, specs):
     """(name, spec, plain model) for each spec; 'family' expands to the wide-narrow-wide family."""
-    from .extraction import extract, extracted_models
+    from .extraction import extract_spec, extracted_models, spec_label
 
     out = []
     for spec in specs:
         if spec == "family":
             out += [m for m in extracted_models(model, family=True) if m[1].startswith("wide_narrow_wide")]
-        elif spec == "student":
-            out.append(("Student", spec, extract(model, "student")))
-        elif spec == "ta":
-            out.append(("TA", spec, extract(model, "ta")))
         else:
-            k = int(spec.split(":")[1])
-            out.append((f"wide-narrow-wide k={k}", spec, extract(model, "wide_narrow_wide", k=k)))
+            try:
+                out.append((spec_label(spec), spec, extract_spec(model, spec)))
+            except ValueError as exc:
+                raise CLIError(f"{spec}: {exc}") from None
     seen, unique = set(), []
     for item in out:
         if item[1] not in seen:
@@ -147,7 +148,7 @@ def _models_for(model, specs):
 
 
 def cmd_extract(args) -> int:
-    from .runs import load_run
+    from .train.run_dir import load_run
 
     cfg, model, tokenizer = load_run(args.run)
     specs = _parse_specs(args.spec, model.depth)
@@ -175,29 +176,26 @@ def cmd_extract(args) -> int:
 def cmd_eval(args) -> int:
     import torch
 
-    from .evaluation import LMScorer, lambada_accuracy, multiple_choice_accuracy, parse_tasks, perplexity, validation_loss
-    from .runs import load_run
+    from .evaluation import LMScorer, lambada_accuracy, multiple_choice_accuracy, parse_tasks
+    from .train.run_dir import load_run
+    from .train.tasks import task_for
 
     tasks = parse_tasks(args.tasks)
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     cfg, model, tokenizer = load_run(args.run, device)
     specs = _parse_specs(args.models, model.depth)
     val = None
-    if any(kind == "val" for kind, _ in tasks):
-        from .data import load_data
-
-        data = load_data(cfg.data, block_size=cfg.block_size, seed=cfg.seed, tokenizer=cfg.tokenizer,
-                         vocab_size=cfg.vocab_size, val_fraction=cfg.val_fraction, bin_dtype=cfg.bin_dtype)
+    task = task_for(cfg)
+    if any(kind == "val" for kind, _ in tasks):  # the run's own validation, scored as its final table is
         val_tokens = cfg.eval_tokens if args.val_tokens is None else args.val_tokens
-        val = data.val_blocks(val_tokens or None)
+        val = task.validation(task.load_data(cfg), dataclasses.replace(cfg, eval_tokens=val_tokens))
     rows = []
     for name, spec, sub in _models_for(model, specs):
         sub.to(device).eval()
         row = {"name": name, "spec": spec, "params": sub.num_parameters(non_embedding=True)}
         for kind, path in tasks:
             if kind == "val":
-                row["val_loss"] = validation_loss(sub, val, batch_size=16, device=device)
-                row["perplexity"] = perplexity(row["val_loss"])
+                row.update(task.score(sub, val, device=device, batch_size=16, autocast_dtype=None))
                 continue
             scorer = LMScorer(sub, tokenizer, block_size=cfg.block_size, device=device)
             result = lambada_accuracy(scorer, path) if kind == "lambada" else multiple_choice_accuracy(scorer, path)
@@ -212,7 +210,7 @@ def cmd_eval(args) -> int:
         cells = [f"{r[c] / 1e6:.3f}M" if c == "params" else f"{r[c]:.4f}" for c in columns]
         print("  ".join([r["name"].ljust(24)] + [c.rjust(w) for c, w in zip(cells, widths)]))
     path = Path(args.run) / "eval.json"
-    path.write_text(json.dumps({"tasks": args.tasks, "models": rows}, indent=2) + "\n")
+    write_json_atomic(path, {"tasks": args.tasks, "models": rows})
     print(f"wrote {path}")
     return 0
 
@@ -368,6 +366,7 @@ def main(argv=None) -> int:
             return cmd_lm_eval(argv[at + 1 :])
         args = parser.parse_args(argv)
         args.argv = argv[argv.index(command) + 1 :] if command else []
+        check_environment()
         commands = {"train": cmd_train, "extract": cmd_extract, "eval": cmd_eval, "bench": cmd_bench, "study": cmd_study}
         return commands[args.command](args)
     except (CLIError, *USAGE_ERRORS, FloatingPointError) as exc:

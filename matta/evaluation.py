@@ -24,10 +24,11 @@ from pathlib import Path
 import torch
 
 from .data import tokenizer_from_json
-from .extraction import extract
+from .extraction import extract_spec
 from .hf import FORMAT_FILE, load_extracted
-from .runs import load_run
+from .models import pick_output
 from .scoring import perplexity, validation_loss
+from .train.run_dir import load_run
 
 __all__ = [
     "LMScorer", "TaskError", "load_run", "load_scorer", "load_tokenizer", "tokenizer_from_json", "stream_model",
@@ -41,12 +42,7 @@ class TaskError(ValueError):
 
 
 def _logits(model, idx, output):
-    out = model(idx)
-    if isinstance(out, (tuple, list)):
-        if output is None:
-            raise TypeError("the model returns several logits; pass output=0 (Student) or output=1 (TA)")
-        out = out[output]
-    return out
+    return pick_output(model(idx), output)
 
 
 class LMScorer:
@@ -250,21 +246,10 @@ def load_tokenizer(folder):
 def stream_model(model, stream: str = "student"):
     """The plain model a stream spec names, cut out of a nested model: `student`, `ta`,
     `wide_narrow_wide:K`, or one `wide`/`narrow`/`skip` per TA layer joined by `/`."""
-    if not isinstance(stream, str) or not stream:
-        raise TaskError(f"stream must be student, ta, wide_narrow_wide:K or a per-layer list like wide/narrow/wide, got {stream!r}")
     try:
-        if stream in ("student", "ta"):
-            return extract(model, stream)
-        if stream.startswith("wide_narrow_wide:"):
-            k = stream.split(":", 1)[1]
-            if not k.isdigit():
-                raise ValueError(f"K in {stream!r} must be an even number of wide layers")
-            return extract(model, "wide_narrow_wide", k=int(k))
-        if "/" in stream:
-            return extract(model, stream.split("/"))
+        return extract_spec(model, stream)
     except ValueError as exc:
         raise TaskError(f"stream={stream}: {exc}") from None
-    raise TaskError(f"unknown stream {stream!r}; use student, ta, wide_narrow_wide:K or a per-layer list like wide/narrow/wide")
 
 
 def load_scorer(path, stream: str | None = None, *, device=None, batch_size=16, max_batch_size: int = 64,

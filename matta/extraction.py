@@ -12,7 +12,13 @@ A model with an unshared Student (`NestingConfig(share_weights=False)`) offers o
 With d_model nesting the residual stream has one width for the whole extracted model:
 `d_model="narrow"` (the Student's) or `"wide"` (the TA's). By default it is narrow unless
 every kept layer is wide.
+
+A model spec is the string form of a choice, as the command line, results.json and
+lm-evaluation-harness's `stream=` write it: "student", "ta", "wide_narrow_wide:K", or one
+of wide/narrow/skip per TA layer joined by "/" (`parse_spec`, `extract_spec`, `spec_label`).
 """
+from __future__ import annotations
+
 from typing import NamedTuple, Sequence
 
 import torch
@@ -175,6 +181,40 @@ def _extract_gau(model: NestedGAU, choices, d):
 # ----------------------------------------------------------------------------------------
 
 
+def parse_spec(spec: str, depth: int | None = None) -> tuple:
+    """(layers, k) for `extract` from a model spec string (see the module docstring); with
+    `depth`, K of wide_narrow_wide:K must be at most that many layers. ValueError otherwise."""
+    if not isinstance(spec, str) or not spec:
+        raise ValueError(f"a model spec is student, ta, wide_narrow_wide:K or a per-layer list like wide/narrow/wide, "
+                         f"got {spec!r}")
+    if spec in ("student", "ta"):
+        return spec, None
+    if spec.startswith("wide_narrow_wide:"):
+        k = spec.split(":", 1)[1]
+        if not k.isdigit() or int(k) % 2 or (depth is not None and int(k) > depth):
+            upto = f"from 0 to the TA's {depth} layers" if depth is not None else "of wide layers"
+            raise ValueError(f"{spec}: K must be an even number {upto}")
+        return "wide_narrow_wide", int(k)
+    if "/" in spec:
+        return tuple(spec.split("/")), None
+    raise ValueError(f"unknown model spec {spec!r}; use student, ta, wide_narrow_wide:K or a per-layer list like "
+                     "wide/narrow/wide")
+
+
+def spec_label(spec: str) -> str:
+    """How tables name the model of a spec: Student, TA, wide-narrow-wide k=K."""
+    layers, k = parse_spec(spec)
+    if layers == "wide_narrow_wide":
+        return f"wide-narrow-wide k={k}"
+    return {"student": "Student", "ta": "TA"}.get(layers, spec) if isinstance(layers, str) else spec
+
+
+def extract_spec(model, spec: str):
+    """`extract` of the model a spec string names."""
+    layers, k = parse_spec(spec, model.depth if isinstance(model, NestedLM) else None)
+    return extract(model, layers, k=k)
+
+
 def extract(model, layers="student", *, k=None, d_model=None):
     """A standalone plain model cut out of a nested one (Mix'n'Match).
 
@@ -243,13 +283,13 @@ def wide_narrow_wide_family(model, ks: Sequence[int] | None = None, *, d_model=N
 
 def extracted_models(model, family: bool = True):
     """Yields (display name, spec, plain model): the Student, the TA, then (with `family`)
-    the wide-narrow-wide members that differ from both. Specs are what `matta extract
-    --spec` takes: "student", "ta", "wide_narrow_wide:K"."""
-    yield "Student", "student", extract(model, "student")
-    yield "TA", "ta", extract(model, "ta")
+    the wide-narrow-wide members that differ from both."""
+    yield spec_label("student"), "student", extract(model, "student")
+    yield spec_label("ta"), "ta", extract(model, "ta")
     if not family:
         return
     known = {layer_choices(model, "student"), layer_choices(model, "ta")}
     for member in wide_narrow_wide_family(model):
         if member.layers not in known:
-            yield f"wide-narrow-wide k={member.k}", f"wide_narrow_wide:{member.k}", extract(model, list(member.layers))
+            spec = f"wide_narrow_wide:{member.k}"
+            yield spec_label(spec), spec, extract(model, list(member.layers))

@@ -12,6 +12,8 @@ from contextlib import nullcontext
 import torch
 import torch.nn.functional as F
 
+from .models import pick_output
+
 
 @torch.no_grad()
 def validation_loss(model, blocks: torch.Tensor, *, batch_size: int = 16, device=None, output=None,
@@ -35,20 +37,17 @@ def validation_loss(model, blocks: torch.Tensor, *, batch_size: int = 16, device
             x, y = rows[:, :-1], rows[:, 1:]
             with ctx:
                 out = model(x)
-            outs = list(out) if isinstance(out, (tuple, list)) else [out]
-            if output not in (None, "all"):
-                outs = [outs[output]]
+            if output == "all":
+                outs = list(out) if isinstance(out, (tuple, list)) else [out]
+            else:
+                outs = [pick_output(out, output)]
             sums = torch.stack([F.cross_entropy(o.float().reshape(-1, o.shape[-1]), y.reshape(-1), reduction="sum")
                                 for o in outs]).double()
             totals = sums if totals is None else totals + sums
     finally:
         model.train(was_training)
     means = (totals / blocks[:, 1:].numel()).tolist()
-    if output == "all":
-        return means
-    if len(means) > 1:
-        raise TypeError("the model returns several logits; pass output=0, 1 or 'all'")
-    return means[0]
+    return means if output == "all" else means[0]
 
 
 def perplexity(loss: float) -> float:

@@ -430,7 +430,7 @@ def metric_of(run_dir: Path, spec: str, metric: str) -> float:
 
 def flops_per_token(run_dir: Path, mode: str) -> float:
     """Training FLOPs per token of a run's model when trained in `mode` (the model's count)."""
-    from .runs import load_run
+    from .train.run_dir import load_run
 
     cfg, model, _ = load_run(run_dir)
     streams = {"student": ("student",), "ta": ("ta",)}.get(mode, ("student", "ta"))

@@ -3,8 +3,8 @@
 Tests run on the CPU by default. There the Triton kernels run through Triton's interpreter,
 which must be switched on before any kernel module is imported, so it is done here, first.
 On a GPU machine `MATTA_TEST_DEVICE=cuda` runs the same tests on compiled kernels.
-Tests that pin the GPU's tile shapes set `MATTA_INTERPRET_TILES` themselves (with
-`monkeypatch`), so one session runs the interpreter's default tiles and every GPU tile shape.
+Tests that pin the GPU's tile shapes or vocabulary block set the kernel knobs themselves
+(the `knobs` fixture), so one session runs the interpreter's defaults and every GPU shape.
 
 Every test gets fresh random inputs: the seed is drawn anew and printed, so a failure
 shows it; `MATTA_TEST_SEED=N` replays one.
@@ -17,8 +17,8 @@ TEST_DEVICE = os.environ.get("MATTA_TEST_DEVICE", "cpu")
 if TEST_DEVICE == "cpu":
     os.environ.setdefault("TRITON_INTERPRET", "1")
     # The interpreter runs each tl.dot as a small numpy matmul; OpenBLAS threads on such
-    # products only contend with the other test worker (measured: 16 ms vs 0.04 ms for a
-    # 128x64x128 tile on a loaded 2-core machine). Read when numpy loads, so set it first.
+    # products only contend with the other test worker (BENCHMARKS.md, "Choices in the
+    # code"). Read when numpy loads, so set it first.
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
@@ -88,6 +88,16 @@ def bf16_rounds_to_nearest(monkeypatch):
         return np.where(np.isnan(data), np.uint16(0x7FC0), rounded)
 
     monkeypatch.setattr(interpreter, "_convert_float", convert)
+
+
+@pytest.fixture
+def knobs():
+    """Sets kernel knobs (matta.ops.backend.KernelKnobs) for one test: `knobs(tiles=(64, 64, 32))`,
+    `knobs(loss_block_v=4096)`; undone when the test ends."""
+    from matta.ops import backend
+
+    with contextlib.ExitStack() as stack:
+        yield lambda **changes: stack.enter_context(backend.override_kernel_knobs(**changes))
 
 
 @pytest.fixture

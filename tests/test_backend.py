@@ -61,9 +61,18 @@ def test_lookup_falls_back_to_the_default_rule(tmp_path):
     assert backend.lookup("nested_linear", "sm_90", "fp32", 256, path) == "torch"
 
 
-def test_shipped_table_is_valid():
+def test_shipped_table_is_valid_and_decides_what_it_holds():
+    """The shipped table parses, every entry decides its own lookup, and what it does not
+    hold falls to the default rule."""
     table = backend.load_dispatch_table(backend.DISPATCH_TABLE)
-    assert isinstance(table, dict)
+    raw = json.loads(backend.DISPATCH_TABLE.read_text())["entries"]
+    assert sum(len(buckets) for buckets in table.values()) == len(raw)
+    for entry in raw:
+        assert backend.lookup(entry["op"], entry["capability"], entry["dtype"], entry["tokens"],
+                              backend.DISPATCH_TABLE) == entry["backend"]
+    for dtype in backend.DTYPE_KEYS:
+        if ("an_op_never_measured", "sm_90", dtype) not in table:
+            assert backend.lookup("an_op_never_measured", "sm_90", dtype, 256) == backend.default_backend(dtype)
 
 
 @pytest.mark.parametrize("content, problem", [
@@ -87,7 +96,7 @@ def test_bad_table_is_refused_with_its_problem(tmp_path, content, problem):
 
 def test_missing_table_names_the_path(tmp_path, monkeypatch):
     monkeypatch.setenv("MATTA_DISPATCH_TABLE", str(tmp_path / "absent.json"))
-    with pytest.raises(FileNotFoundError, match="absent.json"):
+    with pytest.raises(backend.BackendError, match="absent.json"):
         backend.lookup("nested_linear", "sm_90", "bf16", 256)
 
 
@@ -124,35 +133,52 @@ def test_use_triton_for_cpu_tensors(monkeypatch):
     monkeypatch.setenv("MATTA_BACKEND", "auto")
     assert not backend.use_triton_for("nested_linear", x, tokens=2)
     monkeypatch.setenv("MATTA_BACKEND", "nonsense")
-    with pytest.raises(ValueError, match="MATTA_BACKEND must be one of"):
+    with pytest.raises(backend.BackendError, match="MATTA_BACKEND must be one of"):
         backend.use_triton_for("nested_linear", x, tokens=2)
 
 
 @pytest.mark.parametrize("raw, expected", [("", None), ("128,64,32", (128, 64, 32)), (" 16, 256 ,64 ", (16, 256, 64))])
-def test_interpret_tiles(monkeypatch, raw, expected):
-    monkeypatch.setenv("MATTA_INTERPRET_TILES", raw)
-    assert backend.interpret_tiles() == expected
+def test_interpret_tiles(raw, expected):
+    assert backend.KernelKnobs.from_environment({"MATTA_INTERPRET_TILES": raw}).tiles == expected
 
 
 @pytest.mark.parametrize("raw", ["64,64", "64,64,64,64", "64,48,32", "8,64,64", "512,64,64", "a,b,c", "64;64;64"])
-def test_interpret_tiles_refuses_bad_values(monkeypatch, raw):
-    monkeypatch.setenv("MATTA_INTERPRET_TILES", raw)
-    with pytest.raises(ValueError, match=f"MATTA_INTERPRET_TILES must be three powers of two .* got {raw!r}"):
-        backend.interpret_tiles()
+def test_interpret_tiles_refuses_bad_values(raw):
+    with pytest.raises(backend.BackendError, match="MATTA_INTERPRET_TILES"):
+        backend.KernelKnobs.from_environment({"MATTA_INTERPRET_TILES": raw})
 
 
-def test_pinned_tiles_on_a_gpu_must_be_a_kernel_config(monkeypatch):
-    """Compiled (not interpreting), only the kernel's own tile shapes may be pinned."""
+@pytest.mark.parametrize("raw, expected", [("", True), ("1", True), ("0", False)])
+def test_autotune_knob(raw, expected):
+    assert backend.KernelKnobs.from_environment({"MATTA_AUTOTUNE": raw}).autotune is expected
+    with pytest.raises(backend.BackendError, match="MATTA_AUTOTUNE must be 0 or 1"):
+        backend.KernelKnobs.from_environment({"MATTA_AUTOTUNE": "off"})
+
+
+def test_knobs_are_read_once_not_per_launch(monkeypatch, knobs):
+    """The launch path reads the knobs in force, never the environment."""
+    knobs(tiles=(64, 64, 32))
+    monkeypatch.setenv("MATTA_INTERPRET_TILES", "not,a,tile")
+    assert backend.kernel_knobs().tiles == (64, 64, 32)
+
+
+def test_pinned_tiles_on_a_gpu_must_be_a_kernel_config(monkeypatch, knobs):
+    """Compiled (not interpreting), only the kernel's own tile shapes may be pinned; with
+    autotuning off the first config is pinned."""
     kernel = pytest.importorskip("matta.kernels.nested_linear")
     from matta.ops.nested_linear import _launch_options
 
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    monkeypatch.setenv("MATTA_INTERPRET_TILES", "32,32,32")
     weight = torch.zeros(4, 4, dtype=torch.bfloat16)
-    with pytest.raises(ValueError, match="not a tile shape the nested-linear kernel launches for torch.bfloat16"):
+    knobs(tiles=(32, 32, 32))
+    with pytest.raises(backend.BackendError, match="not a tile shape the nested-linear kernel launches for torch.bfloat16"):
         _launch_options(kernel, weight)
-    monkeypatch.setenv("MATTA_INTERPRET_TILES", "64,128,64")
+    knobs(tiles=(64, 128, 64))
     assert _launch_options(kernel, weight).tiles == (64, 128, 64)
+    knobs(tiles=None)
+    assert _launch_options(kernel, weight).tiles is None
+    knobs(autotune=False)
+    assert _launch_options(kernel, weight).tiles == kernel.tile_configs(2, "ieee")[0][:3]
 
 
 def test_dispatch_table_written_from_benchmark_json(tmp_path):

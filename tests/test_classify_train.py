@@ -11,9 +11,9 @@ from matta.classification import RelevanceTask, evaluate_classifier
 from matta.extraction import extracted_models
 from matta.losses import MatTALoss
 from matta.ops.matta_loss import matta_loss_reference
-from matta.runs import load_run
+from matta.train import load_run
 from matta.train import ConfigError, Run, make_config, train
-from matta.train.objective import ClassifierObjective, criterion_for
+from matta.train.objective import Objective, mode_weights
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -67,8 +67,9 @@ def test_the_objective_is_the_matta_loss_on_the_teachers_soft_labels(tmp_path, m
         run.model.head.bias.copy_(torch.tensor([0.4, -0.3]))
     task = RelevanceTask()
     assert torch.equal(y, task.soft_labels(x))  # the targets are the Teacher's probabilities
-    criterion = criterion_for(mode, cfg.loss_weights, rampup_steps=2, rampup_start=0, rampup="linear", temperature=1.0)
-    out = ClassifierObjective(run.model, criterion)(x, y, step=1)
+    criterion = MatTALoss(mode_weights(mode, cfg.loss_weights), rampup_steps=2)
+    criterion.ramp = criterion.ramp_at(1)
+    out = Objective(run.task, run.model, criterion)(x, y)
     with torch.no_grad():
         logits_s, logits_ta = run.model(x)
     weights = {"matta": (1.0, 1.0, 1.0), "student": (1.0, 0.0, 0.0), "ta": (0.0, 1.0, 0.0)}[mode]

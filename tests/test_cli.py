@@ -74,7 +74,7 @@ def test_end_to_end_train_extract_eval(tmp_path, corpus):
 
     from matta.extraction import extract
     from matta.hf import load_extracted
-    from matta.runs import load_run
+    from matta.train import load_run
 
     _, nested, _ = load_run(run)
     student = load_extracted(models / "student")

@@ -422,7 +422,7 @@ def test_load_scorer_streams_of_a_run(run):
     student = load_scorer(run, device="cpu", max_length=8)
     assert student.block_size == 8
     torch.testing.assert_close(student.model(idx), extract(nested, "student")(idx), rtol=0, atol=0)
-    for stream, message in (("tiny", "unknown stream"), ("wide_narrow_wide:1", "even"),
+    for stream, message in (("tiny", "unknown model spec"), ("wide_narrow_wide:1", "even"),
                             ("wide/narrow", "3 layers"), ("wide_narrow_wide:x", "even number")):
         with pytest.raises(TaskError, match=message):
             load_scorer(run, stream)

@@ -9,21 +9,14 @@ import torch
 import torch.nn.functional as F
 from conftest import launches
 
-from matta.losses import RAMP_SCHEDULES, MatTALoss, MatTALossOutput, check_loss_inputs, ramp_value
+from matta.losses import RAMP_SCHEDULES, MatTALoss, MatTALossOutput, ramp_value
+from matta.ops import DeferredReport
 from matta.ops.matta_loss import _rows_torch, matta_loss, matta_loss_reference
 
 ROW_KERNEL = "matta_loss_rows"
 GPU_BLOCK_V = 4096  # kernels.matta_loss.GPU_BLOCK_V (not imported: Triton may be missing)
 # Three vocabulary blocks at the GPU's block, the last one partial.
 GPU_BLOCK_VOCAB = 2 * GPU_BLOCK_V + 357
-
-
-@pytest.fixture(autouse=True)
-def no_pending_checks():
-    """Each test starts and ends with no unread value check (a leftover would leak into the next)."""
-    check_loss_inputs()
-    yield
-    check_loss_inputs()
 
 
 def kernel_launches(expected, name=ROW_KERNEL):
@@ -117,11 +110,11 @@ def with_rising_logits(z):
 
 
 @pytest.mark.parametrize("soft, tau", [(False, 1.0), (False, 2.0), (True, 1.0), (True, 0.7)])
-def test_gpu_block_size(device, monkeypatch, soft, tau):
+def test_gpu_block_size(device, monkeypatch, knobs, soft, tau):
     """The row kernel at the GPU's vocabulary block, over three blocks (the last partial)."""
     pytest.importorskip("triton")
     monkeypatch.setenv("MATTA_BACKEND", "triton")
-    monkeypatch.setenv("MATTA_INTERPRET_BLOCK_V", str(GPU_BLOCK_V))
+    knobs(loss_block_v=GPU_BLOCK_V)
     z_s, z_ta, target, weights = random_case((5,), GPU_BLOCK_VOCAB, soft, device, n_ignored=1)
     z_s, z_ta = with_rising_logits(z_s), with_rising_logits(z_ta)
     with kernel_launches(True):
@@ -153,10 +146,10 @@ def test_half_precision(backend, device, dtype):
         check_against_oracle(matta_loss, z_s, z_ta, target, weights, ramp=1.0, tau=2.0)
 
 
-def test_bf16_at_gpu_block_size(device, monkeypatch):
+def test_bf16_at_gpu_block_size(device, monkeypatch, knobs):
     pytest.importorskip("triton")
     monkeypatch.setenv("MATTA_BACKEND", "triton")
-    monkeypatch.setenv("MATTA_INTERPRET_BLOCK_V", str(GPU_BLOCK_V))
+    knobs(loss_block_v=GPU_BLOCK_V)
     z_s, z_ta, target, weights = random_case((4,), GPU_BLOCK_VOCAB, True, device, dtype=torch.bfloat16)
     with kernel_launches(True):
         check_against_oracle(matta_loss, z_s, z_ta, target, weights, ramp=0.5, tau=1.5)
@@ -225,11 +218,10 @@ def soft_target_layouts(rows, n_classes, device, dtype=torch.float32):
 
 @pytest.mark.parametrize("layout", ["transposed", "column_step", "broadcast_row", "uniform", "one_value"])
 @pytest.mark.parametrize("block_v", [None, GPU_BLOCK_V])
-def test_soft_target_any_strides(device, monkeypatch, layout, block_v):
+def test_soft_target_any_strides(device, monkeypatch, knobs, layout, block_v):
     """Every target layout gives what its contiguous copy gives, on both paths, vs the oracle."""
     pytest.importorskip("triton")
-    if block_v:
-        monkeypatch.setenv("MATTA_INTERPRET_BLOCK_V", str(block_v))
+    knobs(loss_block_v=block_v)
     rows, n_classes = (7, 101) if block_v is None else (3, GPU_BLOCK_VOCAB)
     target = soft_target_layouts(rows, n_classes, device)[layout]
     z_s, z_ta, _, weights = random_case((rows,), n_classes, True, device)
@@ -243,7 +235,6 @@ def test_soft_target_any_strides(device, monkeypatch, layout, block_v):
             with kernel_launches(path == "triton"):
                 out = matta_loss(z_s, z_ta, y, weights=weights, temperature=1.5)
                 results[path, name] = (out.loss, *torch.autograd.grad(out.loss, (z_s, z_ta)))
-    check_loss_inputs()
     for key, (loss, g_s, g_ta) in results.items():
         assert abs(loss.item() - want.item()) <= 1e-5 * want.item(), key
         assert rel(g_s, want_grads[0]) <= 1e-5 and rel(g_ta, want_grads[1]) <= 1e-5, key
@@ -338,18 +329,20 @@ def test_autocast_logits(device):
     assert abs(out.loss.item() - want.item()) < 1e-4 * want.item()
 
 
-def test_interpret_block_v_knob(device, monkeypatch):
+def test_interpret_block_v_knob(device, monkeypatch, knobs):
+    from matta.ops.backend import BackendError, KernelKnobs
+
     pytest.importorskip("triton")
     monkeypatch.setenv("MATTA_BACKEND", "triton")
     z_s, z_ta, target, weights = random_case((3,), 40, False, device)
-    for bad in ("abc", "100", "0", "8", "131072", "-64"):
-        monkeypatch.setenv("MATTA_INTERPRET_BLOCK_V", bad)
-        with pytest.raises(ValueError, match=f"MATTA_INTERPRET_BLOCK_V must be a power of two.*{bad}"):
-            matta_loss(z_s, z_ta, target)
-    monkeypatch.setenv("MATTA_INTERPRET_BLOCK_V", " ")  # empty: the interpreter's default
+    for bad in ("abc", "100", "0", "8", "131072", "-64", "64,64"):
+        with pytest.raises(BackendError, match="MATTA_INTERPRET_BLOCK_V"):
+            KernelKnobs.from_environment({"MATTA_INTERPRET_BLOCK_V": bad})
+    assert KernelKnobs.from_environment({"MATTA_INTERPRET_BLOCK_V": " "}).loss_block_v is None  # the default
+    assert KernelKnobs.from_environment({"MATTA_INTERPRET_BLOCK_V": "64"}).loss_block_v == 64
     want, _ = oracle(z_s, z_ta, target, (1, 1, 1), 1.0, 1.0)
-    for block in (" ", "16", "64"):
-        monkeypatch.setenv("MATTA_INTERPRET_BLOCK_V", block)
+    for block in (None, 16, 64):
+        knobs(loss_block_v=block)
         with kernel_launches(True):
             loss = matta_loss(z_s, z_ta, target).loss
         assert abs(loss.item() - want.item()) <= 1e-5 * want.item()
@@ -383,11 +376,10 @@ def test_ramp_schedules_and_edges():
 def test_module_applies_ramp(device, schedule):
     z_s, z_ta, target, weights = random_case((13,), 29, False, device)
     criterion = MatTALoss(weights=weights, rampup_steps=8, rampup_start=3, rampup=schedule, temperature=1.3)
-    assert criterion.last_ramp is None
     for step in (0, 3, 6, 11, 50, None):
         out = criterion(z_s, z_ta, target, step=step)
         r = ramp_value(step, rampup_steps=8, rampup_start=3, schedule=schedule)
-        assert out.ramp == r == criterion.last_ramp == criterion.ramp_at(step)
+        assert out.ramp == r == criterion.ramp_at(step)
         want, _ = oracle(z_s, z_ta, target, weights, r, 1.3)
         assert abs(out.loss.item() - want.item()) <= 1e-5 * want.item()
     assert "sigmoid" in repr(MatTALoss(rampup="sigmoid"))
@@ -423,15 +415,16 @@ def host_reads_forbidden(monkeypatch):
 def test_no_host_sync_in_forward_and_backward(backend, device, monkeypatch, soft):
     z_s, z_ta, target, weights = random_case((4, 5), 37, soft, device)
     target_bad = torch.full_like(target, 0.5) if soft else torch.full_like(target, 99)
+    report = DeferredReport()
     with host_reads_forbidden(monkeypatch), kernel_launches(uses_kernel(backend)):
-        out = matta_loss(z_s, z_ta, target, weights=weights, ramp=0.5, temperature=1.3)
+        out = matta_loss(z_s, z_ta, target, weights=weights, ramp=0.5, temperature=1.3, report=report)
         out.loss.backward()
-        bad = matta_loss(z_s.detach(), z_ta, target_bad)  # a failing value check does not read either
+        bad = matta_loss(z_s.detach(), z_ta, target_bad, report=report)  # a failing value check does not read either
         with torch.no_grad():
-            matta_loss(z_s, z_ta, target)
+            matta_loss(z_s, z_ta, target, report=report)
     assert torch.isnan(bad.loss) and torch.isnan(bad.student)
     with pytest.raises(ValueError, match="sum to 1" if soft else r"class ids must be in \[0, 37\)"):
-        check_loss_inputs()
+        report.check()
     want, _ = oracle(z_s, z_ta, target, weights, 0.5, 1.3)
     assert abs(out.loss.item() - want.item()) <= 1e-5 * want.item()
 
@@ -468,24 +461,26 @@ def test_bad_inputs(device):
         (torch.softmax(z, -1) + shift, "negative"),
         (torch.full((6, 9), float("nan"), device=device), "NaN"),
     ]
+    report = DeferredReport()
     for target, message in on_device:
         logits = z.clone().requires_grad_()
-        out = matta_loss(logits, z, target)
+        out = matta_loss(logits, z, target, report=report)
         out.loss.backward()
         assert all(torch.isnan(t) for t in out[:4]) and torch.isnan(logits.grad).all()
         with pytest.raises(ValueError, match=message):
-            check_loss_inputs()
-        check_loss_inputs()  # read and cleared
+            report.check()
+        report.check()  # read and cleared
 
 
 def test_checks_collect_until_read(device):
     z = torch.randn(6, 9, device=device)
-    matta_loss(z, z, torch.full((6,), 9, device=device))
-    matta_loss(z, z, torch.rand(6, 9, device=device))
-    good = matta_loss(z, z, torch.randint(0, 9, (6,), device=device))
+    report = DeferredReport()
+    matta_loss(z, z, torch.full((6,), 9, device=device), report=report)
+    matta_loss(z, z, torch.rand(6, 9, device=device), report=report)
+    good = matta_loss(z, z, torch.randint(0, 9, (6,), device=device), report=report)
     assert torch.isfinite(good.loss)
     with pytest.raises(ValueError, match=r"class ids must be in \[0, 9\).*; soft target rows must sum to 1"):
-        check_loss_inputs()
+        report.check()
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's numpy warns on NaN
@@ -498,10 +493,11 @@ def test_nan_is_reported_and_never_reaches_a_gradient(backend, device):
         logits[which][row, 3] = value
         for t in logits.values():
             t.requires_grad_()
+        report = DeferredReport()
         with kernel_launches(uses_kernel(backend)):
-            out = matta_loss(logits["s"], logits["ta"], target)
+            out = matta_loss(logits["s"], logits["ta"], target, report=report)
         out.loss.backward()
         assert torch.isnan(out.loss)
         assert torch.isnan(logits["s"].grad).all() and torch.isnan(logits["ta"].grad).all()
         with pytest.raises(ValueError, match="not finite"):
-            check_loss_inputs()
+            report.check()

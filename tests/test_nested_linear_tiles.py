@@ -1,6 +1,6 @@
 """The nested-linear kernel at the tile shapes a GPU launches.
 
-Under the interpreter, `MATTA_INTERPRET_TILES` pins each GPU tile shape in turn; with
+Under the interpreter, the `tiles` kernel knob pins each GPU tile shape in turn; with
 `MATTA_TEST_DEVICE=cuda` the same tests pin the same configs compiled. Shapes span at least
 two tiles per side with partial edge tiles, and the Student block ends inside a tile, on a
 tile edge, or is the whole weight. Split-K over tokens runs at every tile shape too (its
@@ -42,14 +42,14 @@ CASES = [
 
 
 @pytest.fixture
-def pinned(monkeypatch, device):
-    """Pins a GPU config: MATTA_INTERPRET_TILES, the TF32 switch, and the Triton backend."""
+def pinned(monkeypatch, knobs, device):
+    """Pins a GPU config: the tiles knob, the TF32 switch, and the Triton backend."""
     pytest.importorskip("triton")
     monkeypatch.setenv("MATTA_BACKEND", "triton")
     tf32 = torch.backends.cuda.matmul.allow_tf32
 
     def pin(kind, tiles, dtype16):
-        monkeypatch.setenv("MATTA_INTERPRET_TILES", ",".join(map(str, tiles)))
+        knobs(tiles=tuple(tiles))
         torch.backends.cuda.matmul.allow_tf32 = kind == "tf32"
         return dtype16 if kind == "16-bit" else torch.float32
 

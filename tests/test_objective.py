@@ -1,13 +1,15 @@
-"""The trainer's objective: `MatTALoss.streams`, its one-stream fused_linear form (values
-and gradients against a float64 oracle and against the two-stream fused op), and
-`LMObjective`, which runs only the streams the loss reads."""
+"""The trainer's objective: `MatTALoss.streams`, its one-stream form (values and gradients
+against a float64 oracle and against the two-stream fused op, the same target checks), and
+`Objective`, which runs only the streams the loss reads."""
 import pytest
 import torch
 import torch.nn.functional as F
 
 from matta.losses import MatTALoss
 from matta.models import GPT2Config, NestedGPT2, NestingConfig
-from matta.train.objective import LMObjective, criterion_for
+from matta.ops import DeferredReport
+from matta.train import TASKS, make_config
+from matta.train.objective import Objective, criterion_for, mode_weights
 
 V, D_S, D_TA = 37, 6, 10
 
@@ -21,12 +23,16 @@ def test_streams(weights, streams):
 
 
 def test_criterion_for_modes():
-    kw = dict(rampup_steps=3, rampup_start=1, rampup="sigmoid", temperature=2.0)
-    assert criterion_for("matta", (1.0, 0.5, 2.0), **kw).weights == (1.0, 0.5, 2.0)
-    student = criterion_for("student", (1.0, 0.5, 2.0), **kw)
-    assert student.weights == (1.0, 0.0, 0.0) and student.streams == ("student",)
+    kw = dict(loss_weights=(1.0, 0.5, 2.0), rampup_steps=3, rampup_start=1, rampup="sigmoid", temperature=2.0)
+    assert criterion_for(make_config({"mode": "matta", **kw})).weights == (1.0, 0.5, 2.0)
+    student = criterion_for(make_config({"mode": "student", **kw}))
+    assert student.weights == (1.0, 0.0, 0.0) and student.streams == ("student",) and student.stream == "student"
     assert student.ramp_at(2) == MatTALoss(rampup_steps=3, rampup_start=1, rampup="sigmoid").ramp_at(2)
-    assert criterion_for("ta", (1.0, 0.5, 2.0), **kw).streams == ("ta",)
+    assert student.temperature == 2.0
+    assert criterion_for(make_config({"mode": "ta", **kw})).streams == ("ta",)
+    assert mode_weights("ta", (1.0, 0.5, 2.0)) == (0.0, 0.5, 0.0)
+    report = DeferredReport()
+    assert criterion_for(make_config({}), report).report is report
 
 
 def _inputs(dtype=torch.float32):
@@ -120,10 +126,9 @@ def test_objective_runs_the_streams_its_loss_reads(mode, monkeypatch):
         return real(self, idx, return_hidden, stream=stream)
 
     monkeypatch.setattr(NestedGPT2, "forward", spy)
-    objective = LMObjective(model, criterion_for(mode, (1.0, 1.0, 1.0), rampup_steps=0, rampup_start=0,
-                                                 rampup="linear", temperature=1.0))
+    objective = Objective(TASKS["lm"], model, criterion_for(make_config({"mode": mode})))
     x, y = torch.randint(0, 41, (2, 8)), torch.randint(0, 41, (2, 8))
-    out = objective(x, y, step=0)
+    out = objective(x, y)
     assert seen == [{"matta": None, "student": "student", "ta": "ta"}[mode]]
     logits_s, logits_ta = real(model, x)
     ce = [F.cross_entropy(z.reshape(-1, 41), y.reshape(-1)).item() for z in (logits_s, logits_ta)]

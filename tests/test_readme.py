@@ -200,7 +200,7 @@ def test_readme_blocks_run_in_order(tmp_path, monkeypatch):
 
 def test_readme_describes_the_default_run():
     from matta.train.config import make_config
-    from matta.runs import build_model
+    from matta.train import build_model
 
     text = " ".join(README.split())
     m = re.search(

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from matta.data import load_data
-from matta.runs import load_run
+from matta.train import load_run
 from matta.train import Run, latest_checkpoint, learning_rate, load_checkpoint, make_config, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -232,8 +232,9 @@ def test_each_step_reads_its_own_batch(tmp_path, corpus):
     run = Run(tiny(tmp_path, corpus, batch_size=2, grad_accum=2, max_steps=4))
     run.setup()
     for step in range(3):
+        run.schedule.apply(step)  # the step's distillation ramp, as train_step sets it
         with torch.no_grad():
-            expected = [run.objective(*run.data.train.batch(step, 2, part, 2), step).loss for part in (0, 1)]
+            expected = [run.objective(*run.data.train.batch(step, 2, part, 2)).loss for part in (0, 1)]
         rec = run.read_record(run.train_step())
         assert rec["step"] == step + 1
         assert rec["loss"] == pytest.approx(sum(e.item() for e in expected) / 2, rel=1e-6)
@@ -273,7 +274,7 @@ def test_teacher_soft_labels_replace_the_targets(tmp_path, corpus):
     run = Run(cfg)
     run.setup()
     x, y = run.data.train.batch(0, 4)
-    out = run.objective(x, y, None, teacher=run.teacher)  # step None: the distillation term fully ramped
+    out = run.objective(x, y, teacher=run.teacher)  # before any step the distillation term is fully ramped
     # float64 oracle: the Teacher is the teacher run's TA; its softmax is the label of L_S and L_TA
     _, teacher_model, _ = load_run(tmp_path / "teacher")
     with torch.no_grad():

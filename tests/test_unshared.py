@@ -109,7 +109,7 @@ def test_what_an_unshared_model_does_not_offer():
 def test_matta_train_runs_the_unshared_ablation(tmp_path):
     """`matta train --no-share-weights`: the Student trains its own Dense weights, the run
     reloads as an unshared model, and the table's Student row is that Student's loss."""
-    from matta.runs import load_run
+    from matta.train import load_run
     from matta.scoring import validation_loss
     from matta.train import ConfigError, make_config, train
 

@@ -1,5 +1,5 @@
 """Nested (Student inside TA) GPT-2 and GAU models, their plain counterparts and configs."""
-from .base import STREAMS, NestedLM, StreamShape
+from .base import STREAMS, NestedLM, StreamShape, pick_output
 from .config import GAU_PRESETS, GPT2_PRESETS, GAUConfig, GPT2Config, NestingConfig
 from .gau import GAU, GAULayerShape, NestedGAU
 from .gpt2 import GPT2, BlockShape, NestedGPT2, load_hf_gpt2
@@ -20,4 +20,5 @@ __all__ = [
     "STREAMS",
     "StreamShape",
     "load_hf_gpt2",
+    "pick_output",
 ]

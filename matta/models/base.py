@@ -39,6 +39,16 @@ class StreamShape:
     matmul_parameters: int
 
 
+def pick_output(out, output=None):
+    """One logits tensor of a model's output: a plain model's `out` itself; of a nested
+    model's (Student, TA) pair, `out[output]` (0: the Student, 1: the TA)."""
+    if isinstance(out, (tuple, list)):
+        if output is None:
+            raise TypeError("the model returns several logits; pass output=0 (Student) or output=1 (TA)")
+        return out[output]
+    return out
+
+
 def check_stream(stream):
     if stream not in (None, *STREAMS):
         raise ValueError(f"stream must be None (both), 'student' or 'ta', got {stream!r}")

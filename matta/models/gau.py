@@ -228,18 +228,19 @@ class NestedGAULayer(nn.Module):
     def _ta_uvz(self, y):
         return split_uvz(y, self.e_ta, self.attn_dim, self.e_s)
 
-    def _mix(self, u, v, z, key_mask):
+    def _gated_attention(self, u, v, z, key_mask):
+        """U * (A V), A the squared-ReLU attention of Q, K made from Z."""
         q, k = self.qk(z)
         return u * gau_attention(q, k, v, self.rel_bias, self.n_positions, self.causal, key_mask)
 
     def forward_student(self, x_s, key_mask=None):
         y = F.silu(self.uvz.forward_student(self.norm.forward_student(x_s)))
-        h = self._mix(*y.split([self.e_s, self.e_s, self.attn_dim], dim=-1), key_mask)
+        h = self._gated_attention(*y.split([self.e_s, self.e_s, self.attn_dim], dim=-1), key_mask)
         return x_s + self.drop(self.o.forward_student(h))
 
     def forward_ta(self, x_ta, key_mask=None):
         y = F.silu(self.uvz.forward_ta(self.norm.forward_ta(x_ta)))
-        h = self._mix(*self._ta_uvz(y), key_mask)
+        h = self._gated_attention(*self._ta_uvz(y), key_mask)
         return x_ta + self.drop(self.o.forward_ta(h))
 
     def forward(self, x_s, x_ta, key_mask=None):
@@ -249,8 +250,8 @@ class NestedGAULayer(nn.Module):
         if x_ta is None:
             return self.forward_student(x_s, key_mask), None
         y_s, y_ta = self.uvz(*self.norm(x_s, x_ta))
-        h_s = self._mix(*F.silu(y_s).split([self.e_s, self.e_s, self.attn_dim], dim=-1), key_mask)
-        h_ta = self._mix(*self._ta_uvz(F.silu(y_ta)), key_mask)
+        h_s = self._gated_attention(*F.silu(y_s).split([self.e_s, self.e_s, self.attn_dim], dim=-1), key_mask)
+        h_ta = self._gated_attention(*self._ta_uvz(F.silu(y_ta)), key_mask)
         o_s, o_ta = self.o(h_s, h_ta)
         return x_s + self.drop(o_s), x_ta + self.drop(o_ta)
 

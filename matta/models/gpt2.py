@@ -197,21 +197,21 @@ class NestedCausalSelfAttention(nn.Module):
         self.c_attn = NestedLinear((d_s, d_ta), (3 * d_s, 3 * d_ta), share_weights=share)
         self.c_proj = NestedLinear((d_s, d_ta), (d_s, d_ta), share_weights=share)
 
-    def _p(self):
+    def _attention_dropout(self):
         return self.dropout if self.training else 0.0
 
     def forward_student(self, x_s):
         q, k, v = self.c_attn.forward_student(x_s).split(self.d_s, dim=-1)
-        return self.c_proj.forward_student(causal_attention(q, k, v, self.n_head_s, self._p()))
+        return self.c_proj.forward_student(causal_attention(q, k, v, self.n_head_s, self._attention_dropout()))
 
     def forward_ta(self, x_ta):
         q, k, v = split_nested_qkv(self.c_attn.forward_ta(x_ta), self.d_s)
-        return self.c_proj.forward_ta(causal_attention(q, k, v, self.n_head_ta, self._p()))
+        return self.c_proj.forward_ta(causal_attention(q, k, v, self.n_head_ta, self._attention_dropout()))
 
     def forward(self, x_s, x_ta):
         qkv_s, qkv_ta = self.c_attn(x_s, x_ta)
-        y_s = causal_attention(*qkv_s.split(self.d_s, dim=-1), self.n_head_s, self._p())
-        y_ta = causal_attention(*split_nested_qkv(qkv_ta, self.d_s), self.n_head_ta, self._p())
+        y_s = causal_attention(*qkv_s.split(self.d_s, dim=-1), self.n_head_s, self._attention_dropout())
+        y_ta = causal_attention(*split_nested_qkv(qkv_ta, self.d_s), self.n_head_ta, self._attention_dropout())
         return self.c_proj(y_s, y_ta)
 
 

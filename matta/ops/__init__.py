@@ -1,7 +1,7 @@
 """Autograd-aware ops with their plain-PyTorch references, backend dispatch and matrix functions."""
 from .deferred import DeferredReport
 from .fused_linear_matta_loss import fused_linear_matta_loss
-from .matta_loss import MatTALossOutput, check_loss_inputs, matta_loss, matta_loss_reference
+from .matta_loss import MatTALossOutput, matta_loss, matta_loss_reference
 from .matrix_functions import RootDiagnostics, matrix_inverse_root, matrix_inverse_root_reference
 from .nested_linear import nested_linear, nested_linear_reference
 
@@ -9,5 +9,5 @@ __all__ = [
     "DeferredReport",
     "nested_linear", "nested_linear_reference",
     "matrix_inverse_root", "matrix_inverse_root_reference", "RootDiagnostics",
-    "MatTALossOutput", "check_loss_inputs", "fused_linear_matta_loss", "matta_loss", "matta_loss_reference",
+    "MatTALossOutput", "fused_linear_matta_loss", "matta_loss", "matta_loss_reference",
 ]

@@ -15,11 +15,18 @@ power of two), the faster backend. A lookup takes the nearest measured bucket of
 capability, dtype); with none measured, the default rule: Triton, except fp32 without TF32,
 where the kernels run FMA-only while cuBLAS is tuned for it.
 
-`MATTA_INTERPRET_TILES=BLOCK_M,BLOCK_N,BLOCK_K` pins the nested-linear kernel's tile shape
-(`interpret_tiles`): under the interpreter any powers of two from 16 to 256 (default 32,32,32),
-so the GPU's tiles can be tested on a CPU; on a GPU one of the kernel's own tile shapes, in
-place of autotuning.
+Kernel knobs for tests and GPU checks (`KernelKnobs`): the nested-linear tile shape, the
+loss kernel's vocabulary block under the interpreter, and autotuning on or off. Read from
+the environment once (`MATTA_INTERPRET_TILES`, `MATTA_INTERPRET_BLOCK_V`, `MATTA_AUTOTUNE`),
+changed in a test by `override_kernel_knobs(...)`; the op layer passes them to the kernels
+in their launch options, so no launch reads the environment.
+
+A bad value of any of these variables is a `BackendError` naming it.
 """
+from __future__ import annotations
+
+import contextlib
+import dataclasses
 import functools
 import json
 import os
@@ -30,6 +37,10 @@ import torch
 BACKENDS = ("auto", "triton", "torch")
 DISPATCH_TABLE = Path(__file__).with_name("dispatch_table.json")
 DTYPE_KEYS = ("bf16", "fp16", "tf32", "fp32")
+
+
+class BackendError(ValueError):
+    """A backend setting (environment variable or dispatch table) that cannot work."""
 
 
 @functools.cache
@@ -48,7 +59,7 @@ def triton_interpreting() -> bool:
 def requested_backend() -> str:
     choice = os.environ.get("MATTA_BACKEND", "auto").strip().lower() or "auto"
     if choice not in BACKENDS:
-        raise ValueError(f"MATTA_BACKEND must be one of {BACKENDS}, got {choice!r}")
+        raise BackendError(f"MATTA_BACKEND must be one of {', '.join(BACKENDS)}, got {choice!r}")
     return choice
 
 
@@ -61,9 +72,11 @@ def use_triton(*tensors: torch.Tensor) -> bool:
     if choice == "auto":
         return on_cuda and triton_available()
     if not triton_available():
-        raise RuntimeError("MATTA_BACKEND=triton but Triton is not installed (pip install triton)")
+        raise BackendError("MATTA_BACKEND=triton but Triton is not installed (pip install triton)")
+    if any(t.is_meta for t in tensors):  # shapes only (tracing): nothing for a kernel to compute
+        return False
     if not on_cuda and not triton_interpreting():
-        raise RuntimeError(
+        raise BackendError(
             "MATTA_BACKEND=triton with CPU tensors needs TRITON_INTERPRET=1 set before "
             "matta is imported (or move the tensors to a CUDA device)"
         )
@@ -117,14 +130,14 @@ def load_dispatch_table(path=None) -> dict:
     try:
         stat = path.stat()
     except FileNotFoundError:
-        raise FileNotFoundError(f"dispatch table {path} does not exist (MATTA_DISPATCH_TABLE)") from None
+        raise BackendError(f"dispatch table {path} does not exist (MATTA_DISPATCH_TABLE)") from None
     return _parse_dispatch_table(str(path), stat.st_mtime_ns, stat.st_size)
 
 
 @functools.lru_cache(maxsize=8)
 def _parse_dispatch_table(path: str, mtime_ns: int, size: int) -> dict:
     def bad(problem):
-        return ValueError(f"dispatch table {path}: {problem}")
+        return BackendError(f"dispatch table {path}: {problem}")
 
     try:
         with open(path) as f:
@@ -158,19 +171,86 @@ def _parse_dispatch_table(path: str, mtime_ns: int, size: int) -> dict:
     return table
 
 
-def interpret_tiles():
-    """MATTA_INTERPRET_TILES as (BLOCK_M, BLOCK_N, BLOCK_K), or None when unset or empty."""
-    raw = os.environ.get("MATTA_INTERPRET_TILES", "").strip()
-    if not raw:
-        return None
-    parts = [p.strip() for p in raw.split(",")]
+# ----------------------------------------------------------------------------------------
+# Kernel knobs
+
+
+def _powers_of_two(values, low, high) -> bool:
+    return all(isinstance(v, int) and not isinstance(v, bool) and low <= v <= high and not v & (v - 1) for v in values)
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelKnobs:
+    """How tests and GPU checks want the kernels launched (training leaves the defaults).
+
+    tiles: (BLOCK_M, BLOCK_N, BLOCK_K) of the nested-linear kernel: under the interpreter any
+        powers of two from 16 to 256 (None: 32, 32, 32), so the tests run a GPU's tile
+        shapes on a CPU; on a GPU one of the kernel's own tile shapes, in place of
+        autotuning (checked at launch). `MATTA_INTERPRET_TILES=BLOCK_M,BLOCK_N,BLOCK_K`.
+    loss_block_v: the MatTA-loss row kernel's vocabulary block under the interpreter, a power
+        of two from 16 to 65536 (None: 32; a GPU runs 4096). `MATTA_INTERPRET_BLOCK_V=N`.
+    autotune: False launches the nested-linear kernel's first tile config instead of tuning
+        (GPU test runs, where tuning every test shape would cost minutes). `MATTA_AUTOTUNE=0`.
+    """
+
+    tiles: tuple | None = None
+    loss_block_v: int | None = None
+    autotune: bool = True
+
+    def __post_init__(self):
+        if self.tiles is not None and (len(tuple(self.tiles)) != 3 or not _powers_of_two(self.tiles, 16, 256)):
+            raise BackendError(f"the nested-linear tiles (MATTA_INTERPRET_TILES) must be three powers of two from 16 "
+                               f"to 256 as BLOCK_M,BLOCK_N,BLOCK_K (for example 128,128,64), got {self.tiles!r}")
+        if self.loss_block_v is not None and not _powers_of_two((self.loss_block_v,), 16, 65536):
+            raise BackendError(f"the loss kernel's block (MATTA_INTERPRET_BLOCK_V) must be a power of two from 16 to "
+                               f"65536 (a GPU runs 4096), got {self.loss_block_v!r}")
+        if not isinstance(self.autotune, bool):
+            raise BackendError(f"autotune (MATTA_AUTOTUNE) must be true or false, got {self.autotune!r}")
+
+    @classmethod
+    def from_environment(cls, environ=os.environ) -> "KernelKnobs":
+        def ints(name):
+            raw = environ.get(name, "").strip()
+            if not raw:
+                return None
+            try:
+                return tuple(int(p) for p in raw.split(","))
+            except ValueError:
+                raise BackendError(f"{name} must be integers, got {raw!r}") from None
+
+        tiles, block_v = ints("MATTA_INTERPRET_TILES"), ints("MATTA_INTERPRET_BLOCK_V")
+        if block_v is not None and len(block_v) != 1:
+            raise BackendError(f"MATTA_INTERPRET_BLOCK_V must be one number, got {environ['MATTA_INTERPRET_BLOCK_V']!r}")
+        autotune = environ.get("MATTA_AUTOTUNE", "1").strip() or "1"
+        if autotune not in ("0", "1"):
+            raise BackendError(f"MATTA_AUTOTUNE must be 0 or 1, got {autotune!r}")
+        return cls(tiles=tiles, loss_block_v=None if block_v is None else block_v[0], autotune=autotune == "1")
+
+
+_knobs: KernelKnobs | None = None
+
+
+def kernel_knobs() -> KernelKnobs:
+    """The knobs in force: the environment's, read on first use, unless a test overrides them."""
+    global _knobs
+    if _knobs is None:
+        _knobs = KernelKnobs.from_environment()
+    return _knobs
+
+
+@contextlib.contextmanager
+def override_kernel_knobs(**changes):
+    """Inside: the knobs with `changes` (KernelKnobs fields), e.g. `tiles=(128, 128, 64)`."""
+    global _knobs
+    previous = kernel_knobs()
+    _knobs = dataclasses.replace(previous, **changes)
     try:
-        tiles = tuple(int(p) for p in parts)
-    except ValueError:
-        tiles = ()
-    if len(tiles) != 3 or any(t < 16 or t > 256 or t & (t - 1) for t in tiles):
-        raise ValueError(
-            f"MATTA_INTERPRET_TILES must be three powers of two from 16 to 256 as BLOCK_M,BLOCK_N,BLOCK_K "
-            f"(for example 128,128,64), got {raw!r}"
-        )
-    return tiles
+        yield _knobs
+    finally:
+        _knobs = previous
+
+
+def check_environment() -> None:
+    """Raises BackendError for a bad MATTA_BACKEND or kernel knob, before any work starts."""
+    requested_backend()
+    kernel_knobs()

@@ -9,11 +9,13 @@ it reads device values anyway, e.g. at a log step:
     ...                                   # steps: producers call report.add(flag, message)
     report.check()                        # one host read; raises naming every failed check
 
-Flags filed under the same message are OR-ed into one tensor, so the report's memory stays
+Flags filed under the same messages are OR-ed into one tensor, so the report's memory stays
 bounded however long nobody reads it. Nothing here is module state: a report belongs to
 whoever made it.
 """
 from __future__ import annotations
+
+from typing import Sequence
 
 import torch
 from torch import Tensor
@@ -23,18 +25,20 @@ class DeferredReport:
     """Device-side checks, read once: see the module docstring."""
 
     def __init__(self):
-        self._flags: dict[tuple[torch.device, str], Tensor] = {}
+        # (device, messages) -> bool flags, one per message
+        self._flags: dict[tuple[torch.device, tuple[str, ...]], Tensor] = {}
 
-    def add(self, flag: Tensor, message: str) -> None:
-        """Files `flag` (a bool tensor with one element, True when the check failed) under
-        `message`. No host sync."""
-        if not isinstance(flag, Tensor) or flag.numel() != 1:
-            raise TypeError(f"a deferred check needs a one-element tensor, got {type(flag).__name__} "
-                            f"{tuple(getattr(flag, 'shape', ()))}")
-        flag = flag.reshape(()).to(torch.bool)
-        key = (flag.device, message)
+    def add(self, flags: Tensor, messages: str | Sequence[str]) -> None:
+        """Files `flags` (a bool tensor with one element per message, True where the check
+        failed) under `messages` (one string, or one per flag). No host sync."""
+        messages = (messages,) if isinstance(messages, str) else tuple(messages)
+        if not isinstance(flags, Tensor) or flags.numel() != len(messages) or not messages:
+            raise TypeError(f"deferred checks need a tensor of one flag per message ({len(messages)}), got "
+                            f"{type(flags).__name__} {tuple(getattr(flags, 'shape', ()))}")
+        flags = flags.reshape(-1).to(torch.bool)
+        key = (flags.device, messages)
         held = self._flags.get(key)
-        self._flags[key] = flag if held is None else held | flag
+        self._flags[key] = flags if held is None else held | flags
 
     def __bool__(self) -> bool:
         """Whether anything is filed (not whether it failed: that takes a read)."""
@@ -49,7 +53,7 @@ class DeferredReport:
             device = flags[0].device if flags else torch.device("cpu")
         if not flags:
             return torch.zeros((), dtype=torch.bool, device=device)
-        return torch.stack([f.to(device) for f in flags]).any()
+        return torch.cat([f.to(device) for f in flags]).any()
 
     def take(self) -> list[str]:
         """The messages of the failed checks, in filing order, each once; one host read.
@@ -58,8 +62,13 @@ class DeferredReport:
         self._flags.clear()
         if not items:
             return []
-        values = torch.stack([flag.to("cpu") for _, flag in items]).tolist()
-        return list(dict.fromkeys(message for ((_, message), _), bad in zip(items, values) if bad))
+        values = torch.cat([flags.to("cpu") for _, flags in items]).tolist()
+        messages = [message for (_, call_messages), _ in items for message in call_messages]
+        return list(dict.fromkeys(message for message, bad in zip(messages, values) if bad))
+
+    def clear(self) -> None:
+        """Drops what is filed without reading it (for an owner that knows nothing failed)."""
+        self._flags.clear()
 
     def check(self, error: type[Exception] = ValueError, prefix: str = "") -> None:
         """Raises `error(prefix + messages)` if any filed check failed (one host read); clears."""

@@ -14,10 +14,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .deferred import DeferredReport
 from .matta_loss import (MatTALossOutput, ValueChecks, begin_backward, check_loss_config, check_target,
-                         loss_and_parts, loss_rows_pass, loss_scale, no_autocast, scaled_gradient)
+                         loss_and_parts, loss_rows_pass, loss_scale, no_autocast, one_stream_loss, present_stream,
+                         scaled_gradient)
 
-TeacherSpec = Union[Callable[[int, int], Tensor], tuple]
+TeacherSource = Union[Callable[[int, int], Tensor], tuple]
 
 # cuBLAS GEMMs of bf16/fp16 operands with an fp32 output (torch >= 2.8 on CUDA).
 _GEMM_WITH_OUT_DTYPE = hasattr(torch.ops.aten.addmm, "dtype_out")
@@ -29,9 +31,8 @@ def default_chunk_size(n_tokens, n_classes, width, dtype, device) -> int:
     GPU: the chunk's logits (2 heads x chunk x V) are kept near the size of the hidden
     states (chunk ~ T * d / V, Liger-Kernel's rule of thumb), at least 64 tokens so the
     GEMMs stay efficient, and within a quarter of the free GPU memory.
-    CPU: 192 tokens, within a 128 MiB logits budget (at T=4096, d=1024, V=50257 on 2 cores,
-    chunk 128 left the GEMMs ~10% slower than naive's; 192-256 are faster than naive, and
-    192 keeps the peak extra memory under 1/10 of naive's).
+    CPU: 192 tokens, within a 128 MiB logits budget: the smallest chunk whose GEMMs kept up
+    with the naive loss's (BENCHMARKS.md, "Choices in the code").
     """
     itemsize = torch.empty((), dtype=dtype).element_size()
     if device.type == "cuda":
@@ -60,7 +61,7 @@ def _teacher_probs(teacher, start, end, n_classes, dtype):
 
 class _FusedLinearMatTALoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h_s, h_ta, weight, bias, y, hard, row_mask, teacher, n_kept, checks, grad_enabled,
+    def forward(ctx, h_s, h_ta, weight, bias, y, hard, row_mask, teacher, n_kept, checks, report, grad_enabled,
                 compute_dtype, chunk, config):
         n_tokens, d_s = h_s.shape
         n_classes, d_ta = weight.shape
@@ -132,7 +133,7 @@ class _FusedLinearMatTALoss(torch.autograd.Function):
 
         ctx.save_for_backward(*(t if t is not None else torch.empty(0) for t in (dh_s, dh_ta, dw, db)))
         ctx.dtypes = (h_s.dtype, h_ta.dtype, weight.dtype, None if bias is None else bias.dtype)
-        return loss_and_parts(ctx, totals, scale, checks, config)
+        return loss_and_parts(ctx, totals, scale, checks, report, config)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -141,15 +142,14 @@ class _FusedLinearMatTALoss(torch.autograd.Function):
         grads = []
         for g, dtype, need in zip(ctx.saved_tensors, ctx.dtypes, ctx.needs_input_grad[:4]):
             grads.append(scaled_gradient(ctx, g, grad_loss, dtype) if need else None)
-        return (*grads,) + (None,) * 10
+        return (*grads,) + (None,) * 11
 
 
 def _linear_into(out, x, w, b):
     """out = x @ w.T + b into a row-major buffer."""
     if out.device.type == "cpu":
-        # MKL/oneDNN runs w @ x.T about 1.5x faster than x @ w.T for these shapes (measured:
-        # 36 vs 23 GFLOPS at (256 x 1024) @ (1024 x 50257)); writing it through out.T keeps
-        # the buffer row-major.
+        # MKL/oneDNN runs w @ x.T faster than x @ w.T for these shapes (BENCHMARKS.md,
+        # "Choices in the code"); writing it through out.T keeps the buffer row-major.
         if b is None:
             torch.mm(w, x.t(), out=out.t())
         else:
@@ -224,7 +224,8 @@ def _normalize_teacher(teacher, lead_shape, n_tokens, n_classes, device, dtype):
 
 def fused_linear_matta_loss(h_s, h_ta, weight, target=None, *, bias=None, weights=(1.0, 1.0, 1.0), ramp=1.0,
                             temperature=1.0, ignore_index=-100, chunk_size=None,
-                            teacher: Optional[TeacherSpec] = None) -> MatTALossOutput:
+                            teacher: Optional[TeacherSource] = None,
+                            report: Optional[DeferredReport] = None) -> MatTALossOutput:
     """MatTA loss of the LM head `logits = h @ weight.T + bias` without materialising the logits.
 
     Equal (values and gradients) to `matta_loss(h_s @ weight[:, :d_S].T + bias,
@@ -235,7 +236,9 @@ def fused_linear_matta_loss(h_s, h_ta, weight, target=None, *, bias=None, weight
 
     Args:
         h_s: Student final hidden states (..., d_S).
-        h_ta: TA final hidden states (..., d_TA), same leading dims.
+        h_ta: TA final hidden states (..., d_TA), same leading dims. One of the two may be
+            None when the weights need only the other stream (`matta_loss`'s one-stream
+            case: that stream's cross-entropy on its full logits; `chunk_size` is unused).
         weight: output embedding (V, d_TA); the Student's head is weight[:, :d_S].
         target: class ids (...) with `ignore_index`, or probabilities (..., V) (any
             strides); or, with a teacher, None (all tokens kept) or ids used only as a mask
@@ -251,6 +254,7 @@ def fused_linear_matta_loss(h_s, h_ta, weight, target=None, *, bias=None, weight
             - a tuple `(hidden, weight)` or `(hidden, weight, bias)`: teacher hidden states
               (..., d_T) with h_s's leading dims and its head (V, d_T), (V,).
             Labels are softmax(teacher logits) (temperature 1); they get no gradient.
+        report: a DeferredReport that receives the value checks (see `matta_loss`).
     Under autocast the GEMMs run in the autocast dtype; otherwise in the promoted dtype of
     the inputs. The softmax/loss math is fp32 (fp64 for fp64 inputs); dW and db are summed
     in at least fp32 (never rounded to 16 bits on the way); gradients come back in each
@@ -262,21 +266,25 @@ def fused_linear_matta_loss(h_s, h_ta, weight, target=None, *, bias=None, weight
         ValueError for bad shapes, dtypes, devices or configuration values. Values are
         checked on the device without a sync, as in `matta_loss`: NaN/inf in the hidden
         states, weight, bias, targets or teacher, ids out of range or soft targets that are
-        not distributions make the loss and gradients NaN, and `check_loss_inputs()` raises
+        not distributions make the loss and gradients NaN, and `report.check()` raises
         ValueError naming the problem.
     """
-    (w_s, w_ta, w_d), ramp, temperature = check_loss_config(weights, ramp, temperature, ignore_index)
+    weights, ramp, temperature = check_loss_config(weights, ramp, temperature, ignore_index)
+    stream = present_stream(weights, h_s, h_ta, ("h_s", "h_ta"))
     if not isinstance(weight, Tensor) or weight.dim() != 2 or not weight.is_floating_point():
         raise ValueError(f"weight must be a floating-point (V, d_TA) tensor, got "
                          f"{getattr(weight, 'dtype', type(weight).__name__)} {tuple(getattr(weight, 'shape', ()))}")
     n_classes, d_ta = weight.shape
     device = weight.device
-    _check_hidden("h_ta", h_ta, d_ta, None, device)
-    lead = h_ta.shape[:-1]
-    if not isinstance(h_s, Tensor) or h_s.dim() < 2 or not 0 < h_s.shape[-1] <= d_ta:
-        raise ValueError(f"h_s must have shape (..., d_S) with 0 < d_S <= d_TA={d_ta}, got "
-                         f"{tuple(getattr(h_s, 'shape', ()))}")
-    _check_hidden("h_s", h_s, h_s.shape[-1], lead, device)
+    if h_ta is not None:
+        _check_hidden("h_ta", h_ta, d_ta, None, device)
+    if h_s is not None:
+        if not isinstance(h_s, Tensor) or h_s.dim() < 2 or not 0 < h_s.shape[-1] <= d_ta:
+            raise ValueError(f"h_s must have shape (..., d_S) with 0 < d_S <= d_TA={d_ta}, got "
+                             f"{tuple(getattr(h_s, 'shape', ()))}")
+        _check_hidden("h_s", h_s, h_s.shape[-1], None if h_ta is None else h_ta.shape[:-1], device)
+    hidden = [h for h in (h_s, h_ta) if h is not None]
+    lead = hidden[-1].shape[:-1]
     if bias is not None:
         if not isinstance(bias, Tensor) or tuple(bias.shape) != (n_classes,) or not bias.is_floating_point():
             raise ValueError(f"bias must be a floating-point ({n_classes},) tensor, got "
@@ -286,10 +294,14 @@ def fused_linear_matta_loss(h_s, h_ta, weight, target=None, *, bias=None, weight
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
     n_tokens = math.prod(lead)
-    compute_dtype = _compute_dtype(device, h_s, h_ta, weight, *(() if bias is None else (bias,)))
+    compute_dtype = _compute_dtype(device, *hidden, weight, *(() if bias is None else (bias,)))
 
     checks = ValueChecks(device)
-    checks.add([(~torch.isfinite(h_s).all() | ~torch.isfinite(h_ta).all(), "h_s or h_ta contains NaN or inf")])
+    not_finite = ~torch.isfinite(hidden[0]).all()
+    if stream is None:
+        not_finite = not_finite | ~torch.isfinite(h_ta).all()
+    checks.add([(not_finite, f"{'h_s or h_ta' if stream is None else 'h_' + ('s' if h_ta is None else 'ta')} "
+                             "contains NaN or inf")])
     row_mask = None
     if teacher is not None:
         teacher = _normalize_teacher(teacher, lead, n_tokens, n_classes, device, compute_dtype)
@@ -312,6 +324,18 @@ def fused_linear_matta_loss(h_s, h_ta, weight, target=None, *, bias=None, weight
         checks.add(target_checks)
         n_kept = kept_mask.sum() if hard else n_tokens
 
+    if stream is not None:  # the caller's autocast applies, as to any head the caller runs
+        h = hidden[0]
+        logits = F.linear(h, weight[:, : h.shape[-1]], bias).reshape(-1, n_classes)
+        if teacher is None:
+            labels, keep = y, (kept_mask if hard else None)
+        else:
+            math_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+            with torch.no_grad():
+                labels, keep = _teacher_probs(teacher, 0, n_tokens, n_classes, math_dtype), row_mask
+        return one_stream_loss(logits, stream, labels, keep, checks, report, weights, ramp, ignore_index)
+
+    w_s, w_ta, w_d = weights
     chunk = chunk_size or default_chunk_size(n_tokens, n_classes, d_ta, compute_dtype, device)
     config = dict(ignore_index=ignore_index, w_s=w_s, w_ta=w_ta, w_d=ramp * w_d, temperature=temperature)
     if callable(teacher):
@@ -319,6 +343,6 @@ def fused_linear_matta_loss(h_s, h_ta, weight, target=None, *, bias=None, weight
     with no_autocast(device):
         loss, student, ta, distill = _FusedLinearMatTALoss.apply(
             h_s.reshape(n_tokens, h_s.shape[-1]), h_ta.reshape(n_tokens, d_ta), weight, bias, y, hard, row_mask,
-            teacher, n_kept, checks, torch.is_grad_enabled(), compute_dtype, chunk, config,
+            teacher, n_kept, checks, report, torch.is_grad_enabled(), compute_dtype, chunk, config,
         )
     return MatTALossOutput(loss, student, ta, distill, ramp)

@@ -26,20 +26,27 @@ No host sync: neither op reads a device value in its forward or backward, so a t
 step never waits for the GPU. Shapes, dtypes, devices and configuration values are checked
 at once; checks of values (class ids in range, soft targets that are distributions, NaN/inf
 anywhere in the inputs) run on the device. A failed value check makes that call's loss,
-its parts and its gradients NaN (never a plausible wrong number), and is kept, on the
-device, until `check_loss_inputs()` reads all pending checks in one sync and raises a
-ValueError naming every problem; call it where the loss is read anyway (a log step).
+its parts and its gradients NaN (never a plausible wrong number), and is filed in the
+caller's `matta.ops.DeferredReport` (`report=`), whose `check()` reads every filed check in
+one sync and raises a ValueError naming each problem; call it where the loss is read anyway
+(a log step). `matta.losses.MatTALoss` owns such a report (`MatTALoss.check_inputs()`).
+
+One stream: either logits (or hidden states, in the fused op) may be None when the weights
+give that stream's terms nothing to do (w_TA = w_D = 0 without the TA, w_S = w_D = 0 without
+the Student), as in a run that trains one model alone. The remaining stream's cross-entropy
+is computed on its full logits by PyTorch's own ops (`one_stream_loss`), with the same
+target checks and report as the pair.
 """
 import contextlib
 import math
-import os
 from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .backend import triton_interpreting, use_triton
+from .backend import kernel_knobs, triton_interpreting, use_triton
+from .deferred import DeferredReport
 
 
 class MatTALossOutput(NamedTuple):
@@ -176,22 +183,6 @@ def _rows_torch(z_s, z_ta, y, out, scale, **kw):
 _TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def interpret_block_v() -> Optional[int]:
-    """MATTA_INTERPRET_BLOCK_V: the row kernel's vocabulary block under the Triton
-    interpreter (None when unset or empty: the interpreter's small default)."""
-    raw = os.environ.get("MATTA_INTERPRET_BLOCK_V", "").strip()
-    if not raw:
-        return None
-    try:
-        block = int(raw)
-    except ValueError:
-        block = 0
-    if not 16 <= block <= 65536 or block & (block - 1):
-        raise ValueError(f"MATTA_INTERPRET_BLOCK_V must be a power of two from 16 to 65536 (a GPU runs 4096), "
-                         f"got {raw!r}")
-    return block
-
-
 def _kernel_target(y):
     """The soft target as the kernel reads it: fp32, with one coalesced copy for a strided
     (say, transposed) layout, which the kernel would otherwise read twice with gaps; a
@@ -209,7 +200,8 @@ def loss_rows_pass(z_s, z_ta, y, out, scale, **kw):
 
         interpreting = triton_interpreting()
         kernel.matta_loss_rows(z_s, z_ta, y if kw["hard"] else _kernel_target(y), out, scale,
-                               interpreting=interpreting, block_v=interpret_block_v() if interpreting else None, **kw)
+                               interpreting=interpreting, block_v=kernel_knobs().loss_block_v if interpreting else None,
+                               **kw)
     else:
         _rows_torch(z_s, z_ta, y, out, scale, **kw)
 
@@ -280,17 +272,12 @@ def check_target(target, lead_shape, n_classes, device, ignore_index, name_of_le
 NOT_FINITE = ("MatTA loss is not finite: the inputs (logits, hidden states, weight, bias, targets or teacher) "
               "contain NaN or inf")
 
-# Failed value checks not yet read: {(device, messages): bool tensor, one flag per message},
-# OR-ed over calls, so memory stays bounded however long nobody reads them.
-_PENDING: dict = {}
-
-
 class ValueChecks:
     """The value checks of one loss call, evaluated on the device (no host sync).
 
     `add` collects (flag, message) pairs; `flag()` is the 0-dim device bool "some check
-    failed", which the op turns into NaN outputs; `defer()` files the flags for
-    `check_loss_inputs`.
+    failed", which the op turns into NaN outputs; `file(report)` hands the flags to the
+    caller's DeferredReport (none: the NaN outputs are the only sign).
     """
 
     def __init__(self, device):
@@ -307,30 +294,9 @@ class ValueChecks:
             return torch.zeros((), dtype=torch.bool, device=self.device)
         return torch.stack(self.flags).any()
 
-    def defer(self):
-        if not self.flags:
-            return
-        key = (self.device, tuple(self.messages))
-        flags = torch.stack(self.flags)
-        _PENDING[key] = flags if key not in _PENDING else _PENDING[key] | flags
-
-
-def check_loss_inputs() -> None:
-    """Raise ValueError naming every failed value check of `matta_loss` /
-    `fused_linear_matta_loss` calls since the last `check_loss_inputs()` (class ids out of
-    range, soft targets that are not distributions, NaN or inf in any input); those calls
-    returned NaN losses and gradients. Reads the device once (a host sync): call it where
-    the loss is read anyway, e.g. at a log step. Clears what it read."""
-    pending = list(_PENDING.items())
-    _PENDING.clear()
-    if not pending:
-        return
-    values = torch.cat([flags.cpu() for _, flags in pending]).tolist()
-    messages = [message for (_, call_messages), _flags in pending for message in call_messages]
-    failed = list(dict.fromkeys(message for message, bad in zip(messages, values) if bad))
-    if failed:
-        raise ValueError("invalid input to the MatTA loss (the loss and gradients of those calls are NaN): "
-                         + "; ".join(failed))
+    def file(self, report: Optional[DeferredReport]):
+        if report is not None and self.flags:
+            report.add(torch.stack(self.flags), self.messages)
 
 
 def loss_scale(n_kept, checks: ValueChecks, dtype):
@@ -342,12 +308,12 @@ def loss_scale(n_kept, checks: ValueChecks, dtype):
     return (poison / max(n_kept, 1)).reshape(1)
 
 
-def loss_and_parts(ctx, totals, scale, checks: ValueChecks, config):
+def loss_and_parts(ctx, totals, scale, checks: ValueChecks, report, config):
     """Forward result of both Functions: the weighted loss and its three parts (0-dim,
     logged, non-differentiable). Non-finite sums (NaN/inf in any row, ignored or not) are
     one more value check; its failure is kept for the backward, which returns NaN."""
     checks.add([(~torch.isfinite(totals).all(), NOT_FINITE)])
-    checks.defer()
+    checks.file(report)
     ctx.grad_factor = torch.where(checks.flag(), math.nan, 1.0).to(totals.dtype)
     parts = totals[:3] * scale.to(totals.dtype) * ctx.grad_factor
     loss = config["w_s"] * parts[0] + config["w_ta"] * parts[1] + config["w_d"] * parts[2]
@@ -389,7 +355,7 @@ def no_autocast(device):
 
 class _MatTALossFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits_s, logits_ta, y, hard, n_kept, checks, grad_enabled, config):
+    def forward(ctx, logits_s, logits_ta, y, hard, n_kept, checks, report, grad_enabled, config):
         write_grad = grad_enabled and (ctx.needs_input_grad[0] or ctx.needs_input_grad[1])
         work = torch.promote_types(logits_s.dtype, logits_ta.dtype)
         z_s = logits_s.to(work, copy=True, memory_format=torch.contiguous_format)
@@ -401,7 +367,7 @@ class _MatTALossFunction(torch.autograd.Function):
         ctx.dtypes = (logits_s.dtype, logits_ta.dtype)
         if write_grad:
             ctx.save_for_backward(z_s, z_ta)
-        return loss_and_parts(ctx, rows.sum(0), scale, checks, config)
+        return loss_and_parts(ctx, rows.sum(0), scale, checks, report, config)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -410,15 +376,79 @@ class _MatTALossFunction(torch.autograd.Function):
         z_s, z_ta = ctx.saved_tensors
         dtype_s, dtype_ta = ctx.dtypes
         return (scaled_gradient(ctx, z_s, grad_loss, dtype_s), scaled_gradient(ctx, z_ta, grad_loss, dtype_ta),
-                None, None, None, None, None, None)
+                None, None, None, None, None, None, None)
+
+
+# ----------------------------------------------------------------------------------------
+# One stream alone.
+
+
+STREAMS = ("student", "ta")
+
+
+def needed_streams(weights) -> tuple:
+    """The streams a loss with these weights reads: ("student", "ta"), or one of them when
+    every term of the other weighs 0 (the distillation term needs both)."""
+    w_s, w_ta, w_d = weights
+    needs_s, needs_ta = w_s > 0 or w_d > 0, w_ta > 0 or w_d > 0
+    if needs_s != needs_ta:
+        return ("student",) if needs_s else ("ta",)
+    return STREAMS
+
+
+def present_stream(weights, first, second, names) -> Optional[str]:
+    """None when both inputs are given, else the stream of the one that is; raises when
+    neither is, or when the weights need the missing one. `names` name the two inputs."""
+    if first is None and second is None:
+        raise ValueError(f"the MatTA loss needs {names[0]}, {names[1]} or both, got neither")
+    if first is not None and second is not None:
+        return None
+    stream = "student" if second is None else "ta"
+    if needed_streams(weights) != (stream,):
+        raise ValueError(f"{names[1] if second is None else names[0]} is None, but weights {tuple(weights)} need "
+                         "both streams; only weights (w_S, 0, 0) or (0, w_TA, 0) let one stream run alone")
+    return stream
+
+
+def one_stream_loss(logits, stream, labels, keep, checks: ValueChecks, report, weights, ramp, ignore_index):
+    """The loss of one stream alone (see the module docstring): its label term, on full
+    logits (N, V), with PyTorch's cross-entropy for class ids and -sum y log p for
+    probabilities; autograd does the backward. `labels` and `keep` are what `check_target`
+    gave (keep None: every token counts); failed checks make the loss NaN."""
+    math_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    logits = logits.to(math_dtype)
+    if labels.dim() == 1:
+        # An id out of range (reported through `checks`) must not reach cross_entropy, which raises.
+        valid = (labels >= 0) & (labels < logits.shape[-1])
+        total = F.cross_entropy(logits, torch.where(valid, labels, ignore_index), ignore_index=ignore_index,
+                                reduction="sum")
+    else:
+        per_token = -(labels.to(math_dtype) * torch.log_softmax(logits, -1)).sum(-1)
+        total = (per_token if keep is None else per_token * keep).sum()
+    checks.add([(~torch.isfinite(total), NOT_FINITE)])
+    checks.file(report)
+    total = total * torch.where(checks.flag(), math.nan, 1.0).to(total.dtype)
+    part = total / (keep.sum().clamp(min=1) if keep is not None else logits.shape[0])
+    zero = torch.zeros((), dtype=part.dtype, device=part.device)
+    w_s, w_ta, _ = weights
+    if stream == "student":
+        return MatTALossOutput(w_s * part, part.detach(), zero, zero, ramp)
+    return MatTALossOutput(w_ta * part, zero, part.detach(), zero, ramp)
+
+
+def _check_logits(name, t):
+    if not isinstance(t, Tensor) or not t.is_floating_point() or t.dim() == 0:
+        raise ValueError(f"{name} must be a floating-point tensor (..., C), got "
+                         f"{getattr(t, 'dtype', type(t).__name__)} {tuple(getattr(t, 'shape', ()))}")
 
 
 def matta_loss(logits_s, logits_ta, target, *, weights=(1.0, 1.0, 1.0), ramp=1.0, temperature=1.0,
-               ignore_index=-100) -> MatTALossOutput:
+               ignore_index=-100, report: Optional[DeferredReport] = None) -> MatTALossOutput:
     """MatTA composite loss on Student and TA logits of shape (..., C).
 
     Args:
-        logits_s, logits_ta: Student and TA logits, same shape (..., C), floating point.
+        logits_s, logits_ta: Student and TA logits, same shape (..., C), floating point; one
+            may be None when the weights need only the other stream (see `needed_streams`).
         target: class ids of shape (...) (an integer tensor; `ignore_index` tokens are left
             out of every part and of the mean) or probabilities of shape (..., C) (soft
             labels, e.g. from a Teacher; each row must sum to 1; they get no gradient; any
@@ -428,34 +458,41 @@ def matta_loss(logits_s, logits_ta, target, *, weights=(1.0, 1.0, 1.0), ramp=1.0
         temperature: tau > 0 of the distillation term (softened softmax of both, times
             tau^2); the label terms never use it.
         ignore_index: class id that marks tokens to ignore.
+        report: a DeferredReport that receives the value checks (see the module docstring).
     Returns:
         MatTALossOutput(loss, student, ta, distill, ramp).
     Raises:
         ValueError on mismatched shapes, a wrong target dtype or bad configuration values.
         Values are checked on the device without a sync: ids out of range, a soft target
         that is not a distribution, or NaN/inf anywhere in the logits make the loss and
-        gradients NaN, and `check_loss_inputs()` raises ValueError naming the problem.
+        gradients NaN, and `report.check()` raises ValueError naming the problem.
     """
-    (w_s, w_ta, w_d), ramp, temperature = check_loss_config(weights, ramp, temperature, ignore_index)
+    weights, ramp, temperature = check_loss_config(weights, ramp, temperature, ignore_index)
+    stream = present_stream(weights, logits_s, logits_ta, ("logits_s", "logits_ta"))
     for name, t in (("logits_s", logits_s), ("logits_ta", logits_ta)):
-        if not isinstance(t, Tensor) or not t.is_floating_point() or t.dim() == 0:
-            raise ValueError(f"{name} must be a floating-point tensor (..., C), got "
-                             f"{getattr(t, 'dtype', type(t).__name__)} {tuple(getattr(t, 'shape', ()))}")
-    if logits_s.shape != logits_ta.shape:
-        raise ValueError(f"logits_s and logits_ta must have the same shape, got {tuple(logits_s.shape)} "
-                         f"and {tuple(logits_ta.shape)}")
-    if logits_s.device != logits_ta.device:
-        raise ValueError(f"logits_s is on {logits_s.device} but logits_ta is on {logits_ta.device}")
-    n_classes = logits_s.shape[-1]
-    hard, y, target_checks, kept = check_target(target, logits_s.shape[:-1], n_classes, logits_s.device,
+        if t is not None:
+            _check_logits(name, t)
+    if stream is None:
+        if logits_s.shape != logits_ta.shape:
+            raise ValueError(f"logits_s and logits_ta must have the same shape, got {tuple(logits_s.shape)} "
+                             f"and {tuple(logits_ta.shape)}")
+        if logits_s.device != logits_ta.device:
+            raise ValueError(f"logits_s is on {logits_s.device} but logits_ta is on {logits_ta.device}")
+    logits = logits_ta if logits_s is None else logits_s
+    n_classes = logits.shape[-1]
+    hard, y, target_checks, kept = check_target(target, logits.shape[:-1], n_classes, logits.device,
                                                 ignore_index, "the logits' leading dims")
-    checks = ValueChecks(logits_s.device)
+    checks = ValueChecks(logits.device)
     checks.add(target_checks)
+    if stream is not None:
+        return one_stream_loss(logits.reshape(-1, n_classes), stream, y, kept, checks, report, weights, ramp,
+                               ignore_index)
+    w_s, w_ta, w_d = weights
     n_kept = kept.sum() if hard else y.shape[0]
     config = dict(ignore_index=ignore_index, w_s=w_s, w_ta=w_ta, w_d=ramp * w_d, temperature=temperature)
     with no_autocast(logits_s.device):
         loss, student, ta, distill = _MatTALossFunction.apply(
-            logits_s.reshape(-1, n_classes), logits_ta.reshape(-1, n_classes), y, hard, n_kept, checks,
+            logits_s.reshape(-1, n_classes), logits_ta.reshape(-1, n_classes), y, hard, n_kept, checks, report,
             torch.is_grad_enabled(), config,
         )
     return MatTALossOutput(loss, student, ta, distill, ramp)

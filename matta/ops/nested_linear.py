@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .backend import interpret_tiles, triton_interpreting, use_triton_for
+from .backend import BackendError, kernel_knobs, triton_interpreting, use_triton_for
 
 
 def nested_linear_reference(x_s, x_ta, weight, bias=None, *, student_features, student_weight=None, student_bias=None):
@@ -107,18 +107,22 @@ def _use_kernels(weight, tokens):
 
 
 def _launch_options(kernel, weight):
-    """How the kernels run here: fp32 follows PyTorch's TF32 switch like F.linear does."""
+    """How the kernels run here: fp32 follows PyTorch's TF32 switch like F.linear does; the
+    tile shape and autotuning follow the kernel knobs (backend.KernelKnobs)."""
     tf32 = weight.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
     precision = "tf32" if tf32 else "ieee"
     interpreting = triton_interpreting()
-    tiles = interpret_tiles()
-    if tiles is not None and not interpreting:
+    knobs = kernel_knobs()
+    tiles = None if knobs.tiles is None else tuple(knobs.tiles)
+    if not interpreting:
         launchable = [c[:3] for c in kernel.tile_configs(weight.element_size(), precision)]
-        if tiles not in launchable:
-            raise ValueError(
+        if tiles is not None and tiles not in launchable:
+            raise BackendError(
                 f"MATTA_INTERPRET_TILES={','.join(map(str, tiles))} is not a tile shape the nested-linear kernel "
                 f"launches for {weight.dtype} (TF32 {'on' if tf32 else 'off'}) on a GPU; use one of {launchable}"
             )
+        if tiles is None and not knobs.autotune:
+            tiles = launchable[0]
     sm_count = (torch.cuda.get_device_properties(weight.device).multi_processor_count if weight.is_cuda
                 else kernel.MODEL_SM_COUNT)
     return kernel.LaunchOptions(precision=precision, interpreting=interpreting, tiles=tiles, sm_count=sm_count)

@@ -1,29 +1,26 @@
-"""MatTA training: configuration, schedule, checkpoints, the parallel engines and the loop.
+"""MatTA training: configuration, tasks, the run folder, checkpoints, the parallel engines and the loop.
 
 `train(make_config({...}))` is what `matta train` runs: one `Run`, then (by default) the
-Student trained alone as a baseline. Reading a run directory back
-(`load_run`, `build_model`) is `matta.runs`; `load_run` is re-exported here.
+Student trained alone as a baseline (baseline.py). `load_run(run_dir)` reads a run folder
+back: its config, its nested model with the latest weights, its tokenizer.
 """
+from .baseline import train
 from .checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import ConfigError, TrainConfig, load_toml, make_config
+from .report import format_table
+from .run_dir import build_model, load_run
 from .schedule import learning_rate
-from .trainer import Run, format_table, train
-
-
-def __getattr__(name):
-    # `matta.train.load_run` is matta.runs' (which imports this package's config and
-    # checkpoint modules), so it is looked up on first use rather than imported here.
-    if name == "load_run":
-        from ..runs import load_run
-
-        return load_run
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+from .tasks import TASKS, Task
+from .trainer import Run
 
 __all__ = [
     "CheckpointError",
     "ConfigError",
     "Run",
+    "TASKS",
+    "Task",
     "TrainConfig",
+    "build_model",
     "format_table",
     "latest_checkpoint",
     "learning_rate",

@@ -12,12 +12,12 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from ..losses import RAMP_SCHEDULES
+from .tasks import TASKS
 
 MODES = ("matta", "student", "ta")
 OPTIMIZERS = ("adamw", "shampoo")
 DTYPES = ("auto", "bf16", "fp32")
 PARALLEL = ("ddp", "fsdp")
-TASKS = ("lm", "classify")
 
 
 class ConfigError(ValueError):
@@ -32,7 +32,9 @@ def _opt(help, choices=None, **kw):
 class TrainConfig:
     out: str = _opt("run directory (config, metrics, checkpoints, report)", default="runs/demo")
     # model
-    model: str = _opt("model preset: gpt2-tiny, gpt2, gpt2-medium, gau-tiny, ...", default="gpt2-tiny")
+    model: str | None = _opt("model preset: gpt2-tiny, gpt2, gpt2-medium, gau-tiny, ... (default: the task's, "
+                             + ", ".join(f"{t.default_model} for {name}" for name, t in TASKS.items()) + ")",
+                             default=None)
     n_layer: int | None = _opt("Student layers (overrides the preset)", default=None)
     n_embd: int | None = _opt("Student width d_model (overrides the preset)", default=None)
     n_head: int | None = _opt("attention heads (overrides the preset)", default=None)
@@ -49,7 +51,7 @@ class TrainConfig:
     # data
     task: str = _opt("lm: language modelling on --data; classify: the synthetic relevance task of "
                      "matta.classification (a GAU classifier on a Teacher's soft labels, scored by AucLoss; "
-                     "--data, --block-size and --eval-tokens do not apply)", choices=TASKS, default="lm")
+                     "--data, --block-size and --eval-tokens do not apply)", choices=tuple(TASKS), default="lm")
     data: str = _opt("builtin, a text file or folder, a .bin file (or folder with train.bin/val.bin), or hf:NAME", default="builtin")
     tokenizer: str = _opt("auto (BPE for text), bpe, bytes, gpt2 (tiktoken)", choices=("auto", "bpe", "bytes", "gpt2"), default="auto")
     vocab_size: int | None = _opt("BPE vocabulary to train (default 2048), or the vocabulary of .bin data", default=None)
@@ -99,6 +101,10 @@ class TrainConfig:
     parallel: str = _opt("with several processes (torchrun): ddp replicates the model, fsdp shards it (AdamW only)",
                          choices=PARALLEL, default="ddp")
     progress: bool = _opt("show a progress bar", default=True)
+
+    def __post_init__(self):
+        if self.model is None and self.task in TASKS:
+            object.__setattr__(self, "model", TASKS[self.task].default_model)
 
     @property
     def steps(self) -> int:

@@ -1,5 +1,5 @@
 """Where this process trains: rank and world size (from torchrun), device, CPU threads,
-autocast precision, and the process group.
+autocast precision, the process group, random state, and whether a model fits in memory.
 
 Several processes train one model through PyTorch's own engines (matta/train/parallel.py);
 `torchrun` starts them and its rendezvous joins machines, e.g. on each of two nodes:
@@ -23,8 +23,8 @@ def default_threads() -> int:
 
     Never the machine's load: OpenMP splits work by the thread count, so a different count
     gives different rounding, and the same command must give the same numbers whatever
-    else runs. One thread is also the fastest for the small models CPUs train here (two
-    threads on cores other processes keep busy ran several times slower, measured).
+    else runs. One thread is also the fastest for the small models CPUs train here on a
+    shared machine (BENCHMARKS.md, "Choices in the code").
     """
     value = os.environ.get("OMP_NUM_THREADS", "")
     return max(1, int(value)) if value.isdigit() else 1
@@ -77,6 +77,18 @@ class Context:
         dist.all_gather_object(out, obj)
         return out
 
+    def rng_state(self) -> dict:
+        """This process's random state (the CPU generator's, and the device's on a GPU)."""
+        state = {"torch": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            state["cuda"] = torch.cuda.get_rng_state(self.device)
+        return state
+
+    def set_rng_state(self, state: dict) -> None:
+        torch.set_rng_state(state["torch"])
+        if self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["cuda"], self.device)
+
     def close(self):
         """Leaves the process group (every rank calls it, after its last collective).
 
@@ -100,3 +112,28 @@ def available_memory(device: torch.device) -> int:
     except OSError:
         pass
     return 1 << 60
+
+
+def check_memory(cfg: TrainConfig, model, ctx: Context) -> None:
+    """Refuses a configuration whose rough footprint exceeds the free memory, before the
+    model is built for real; `model` is its shapes (built on the meta device)."""
+    params = model.num_parameters(non_embedding=False)
+    state_bytes = params * (4 + 4 + (12 if cfg.optimizer == "shampoo" else 8))
+    if cfg.parallel == "fsdp":
+        state_bytes //= ctx.world
+    ta = model.stream_shape("ta")
+    elem = 2 if ctx.amp_dtype is not None else 4
+    tokens = cfg.batch_size * cfg.block_size
+    # Saved activations per layer and token (~12 d + 2 ffn values), bounded by twice the
+    # TA's for the two streams, plus attention scores where SDPA has no fused kernel (CPU).
+    act = 2 * tokens * ta.n_layer * (12 * ta.d_model + 2 * ta.ffn) * elem
+    if ctx.device.type == "cpu":
+        act += 2 * cfg.batch_size * cfg.block_size * cfg.block_size * ta.n_layer * 4 * 2
+    need = state_bytes + act
+    have = available_memory(ctx.device)
+    if need > 0.9 * have:
+        raise ConfigError(
+            f"model {cfg.model} with --batch-size {cfg.batch_size} --block-size {cfg.block_size} needs about "
+            f"{need / 2**30:.1f} GiB but only {have / 2**30:.1f} GiB is free on {ctx.device}; use a smaller "
+            "--model, --batch-size or --block-size (and --grad-accum to keep the batch)"
+        )

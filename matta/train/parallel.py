@@ -34,10 +34,10 @@ from torch.nn.parallel import DistributedDataParallel
 
 from .config import TrainConfig
 from .context import Context
-from .objective import LMObjective
+from .objective import Objective
 
 
-def wrap(objective: LMObjective, ctx: Context, cfg: TrainConfig) -> nn.Module:
+def wrap(objective: Objective, ctx: Context, cfg: TrainConfig) -> nn.Module:
     """The engine around `objective` (see the module docstring). Call before building the
     optimizer: FSDP replaces the parameters by their shards."""
     if ctx.world == 1:
@@ -74,7 +74,7 @@ def local_value(tensor: torch.Tensor) -> torch.Tensor:
 _FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
-def full_state(engine: nn.Module, objective: LMObjective, optimizer) -> tuple[dict, dict]:
+def full_state(engine: nn.Module, objective: Objective, optimizer) -> tuple[dict, dict]:
     """(model state_dict, optimizer state_dict) with whole tensors, for a checkpoint.
 
     Under FSDP this is a collective (every rank calls it) and only rank 0 gets the tensors;
@@ -86,7 +86,7 @@ def full_state(engine: nn.Module, objective: LMObjective, optimizer) -> tuple[di
     return model_state, get_optimizer_state_dict(objective, optimizer, options=_FULL)
 
 
-def whole_model(engine: nn.Module, objective: LMObjective, build, device) -> nn.Module | None:
+def whole_model(engine: nn.Module, objective: Objective, build, device) -> nn.Module | None:
     """The model with whole weights, for evaluation on rank 0: itself, or under FSDP a copy
     `build()` makes and fills from the gathered shards (a collective; None on other ranks)."""
     if not isinstance(engine, FSDPModule):
@@ -100,7 +100,7 @@ def whole_model(engine: nn.Module, objective: LMObjective, build, device) -> nn.
     return model
 
 
-def load_model_state(engine: nn.Module, objective: LMObjective, state: dict) -> None:
+def load_model_state(engine: nn.Module, objective: Objective, state: dict) -> None:
     """Inverse of `full_state`'s model half: every rank passes the checkpoint's full tensors."""
     if isinstance(engine, FSDPModule):
         set_model_state_dict(objective.model, state, options=StateDictOptions(full_state_dict=True))
@@ -108,7 +108,7 @@ def load_model_state(engine: nn.Module, objective: LMObjective, state: dict) -> 
         objective.model.load_state_dict(state)
 
 
-def load_optimizer_state(engine: nn.Module, objective: LMObjective, optimizer, state: dict) -> None:
+def load_optimizer_state(engine: nn.Module, objective: Objective, optimizer, state: dict) -> None:
     """Inverse of `full_state`'s optimizer half (after `load_model_state`)."""
     if isinstance(engine, FSDPModule):
         set_optimizer_state_dict(objective, optimizer, state, options=StateDictOptions(full_state_dict=True))

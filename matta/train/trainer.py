@@ -1,115 +1,51 @@
 """The MatTA training loop (paper Algorithm 1), in the spirit of nanoGPT's train.py.
 
-`Run(cfg).train()` does, in order: set up (device and process group, data, model, the
-objective from `MatTALoss`, the parallel engine, optimizer, maybe a Teacher, maybe a
-checkpoint to resume), the loop (per step: learning rate, micro-batches of the streams and
-the fused MatTA loss, gradients averaged across ranks by the engine, clipping, optimizer
-step; logging, evaluation and checkpoints at their intervals), and the final evaluation of
-the Student, the TA and the wide-narrow-wide family, printed as a table and drawn into
-RUN_DIR/report.png.
+`Run(cfg).train()` does, in order: set up (device and process group, the task's data, the
+model, the objective, the parallel engine, the optimizer, the schedule, maybe a Teacher,
+maybe a checkpoint to resume), the loop (per step: learning rate and distillation ramp,
+micro-batches through the objective, gradients averaged across ranks by the engine,
+clipping, optimizer step; logging, evaluation and checkpoints at their intervals), and the
+final evaluation of the Student, the TA and the wide-narrow-wide family, printed as a table
+and drawn into RUN_DIR/report.png. What the run learns and how it is scored is its task's
+(tasks.py); the run folder is run_dir.py's; a baseline run beside it is baseline.py's.
 
-A step never waits on the host: the losses and the gradient norm stay on the device and
-are read once per log interval (and before evaluations and checkpoints).
-
-Run directory (see also matta/runs.py):
-    config.json      the resolved TrainConfig (with the CPU thread count used)
-    model.json       what rebuilds the model
-    tokenizer.json   the tokenizer (absent for pre-tokenised data without one)
-    metrics.jsonl    one JSON record per log step ("train") and per evaluation ("eval")
-    checkpoints/     atomic checkpoints (see checkpoint.py), `latest` names the newest
-    results.json     final table: per model, parameters, validation loss, perplexity
-    report.png       loss curves and the size-vs-quality curve
+A step never waits on the host: the losses, the gradient norm and the step's value checks
+(a DeferredReport) stay on the device and are read once per log interval (and before
+evaluations and checkpoints).
 """
 from __future__ import annotations
 
 import dataclasses
-import json
-import math
-import multiprocessing
-import os
-import shutil
-import sys
 import time
 import warnings
 from pathlib import Path
 
 import torch
 
-from .. import runs
-from .._atomic import write_json_atomic, write_text_atomic
-from ..classification import ClassificationData, RelevanceTask, evaluate_classifier
-from ..data import Data, load_data
 from ..extraction import extracted_models
-from ..losses import check_loss_inputs
-from ..report import make_report
-from ..scoring import perplexity, validation_loss
+from ..ops import DeferredReport
 from . import parallel
 from .batches import StepBatches
 from .checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
-from .config import ConfigError, TrainConfig
-from .context import Context, available_memory, default_threads
-from .objective import ClassifierObjective, LMObjective, criterion_for
+from .config import TrainConfig
+from .context import Context, check_memory, default_threads
+from .objective import Objective, criterion_for
+from .optimizers import build_optimizer
 from .progress import Progress
-from .schedule import learning_rate
+from .report import describe, format_table, make_report
+from .run_dir import (RunDirLock, append_metrics, build_model, keep_metrics_until, load_teacher, read_config,
+                      start_metrics, write_results, write_run_files)
+from .schedule import Schedule
+from .tasks import task_for
 
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12, "4090": 165e12}
 LOSS_KEYS = ("loss", "loss_student", "loss_ta", "loss_distill")
 
 
-# ----------------------------------------------------------------------------------------
-# Set-up helpers
-
-
-def check_memory(cfg: TrainConfig, vocab_size: int, ctx: Context) -> None:
-    """Refuses a configuration whose rough footprint exceeds the free memory, before building it."""
-    with torch.device("meta"):  # shapes only: nothing is allocated
-        model = runs.build_model(cfg, vocab_size)
-    params = model.num_parameters(non_embedding=False)
-    state_bytes = params * (4 + 4 + (12 if cfg.optimizer == "shampoo" else 8))
-    if cfg.parallel == "fsdp":
-        state_bytes //= ctx.world
-    ta = model.stream_shape("ta")
-    elem = 2 if ctx.amp_dtype is not None else 4
-    tokens = cfg.batch_size * cfg.block_size
-    # Saved activations per layer and token (~12 d + 2 ffn values), bounded by twice the
-    # TA's for the two streams, plus attention scores where SDPA has no fused kernel (CPU).
-    act = 2 * tokens * ta.n_layer * (12 * ta.d_model + 2 * ta.ffn) * elem
-    if ctx.device.type == "cpu":
-        act += 2 * cfg.batch_size * cfg.block_size * cfg.block_size * ta.n_layer * 4 * 2
-    need = state_bytes + act
-    have = available_memory(ctx.device)
-    if need > 0.9 * have:
-        raise ConfigError(
-            f"model {cfg.model} with --batch-size {cfg.batch_size} --block-size {cfg.block_size} needs about "
-            f"{need / 2**30:.1f} GiB but only {have / 2**30:.1f} GiB is free on {ctx.device}; use a smaller "
-            "--model, --batch-size or --block-size (and --grad-accum to keep the batch)"
-        )
-
-
-def build_optimizer(cfg: TrainConfig, model):
-    groups = model.optimizer_groups(cfg.weight_decay)
-    if cfg.optimizer == "adamw":
-        # The fused kernel keeps its step counts on the device: no host read per step.
-        return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=True)
-    from ..optim import Shampoo, nested_block_splits
-
-    return Shampoo(
-        groups,
-        lr=cfg.lr,
-        betas=(cfg.beta1, cfg.beta2),
-        max_preconditioner_dim=cfg.max_preconditioner_dim,
-        precondition_frequency=cfg.precondition_frequency,
-        start_preconditioning_step=cfg.start_preconditioning_step,
-        grafting="adam",
-        grafting_beta2=cfg.beta2,
-        block_splits=nested_block_splits(model) if cfg.shampoo_nested_blocks else None,
-    )
-
-
 def total_steps(cfg: TrainConfig, world: int) -> int:
     if cfg.tokens is not None:
         per_step = cfg.batch_size * cfg.block_size * cfg.grad_accum * world
-        return max(1, math.ceil(cfg.tokens / per_step))
+        return max(1, -(-cfg.tokens // per_step))
     return cfg.steps
 
 
@@ -120,98 +56,70 @@ def peak_flops(device: torch.device) -> float | None:
     return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
 
 
-def _rng_state(device) -> dict:
-    state = {"torch": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def _set_rng_state(state: dict, device) -> None:
-    torch.set_rng_state(state["torch"])
-    if device.type == "cuda":
-        torch.cuda.set_rng_state(state["cuda"], device)
-
-
-# ----------------------------------------------------------------------------------------
-# The run
+def settled_threads(cfg: TrainConfig, recorded: int | None) -> int:
+    """The CPU thread count: as given, else the one the run recorded (on --resume), else the
+    default. A count other than the recorded one changes rounding, so a resumed run would
+    not end where an uninterrupted one does: that is warned about."""
+    threads = cfg.threads or recorded or default_threads()
+    if recorded is not None and threads != recorded:
+        warnings.warn(f"--threads {threads} differs from the {recorded} thread(s) this run started with: "
+                      "it will not end bit-identical to an uninterrupted run", stacklevel=3)
+    return threads
 
 
 class Run:
-    """One training run; `Run(cfg).train()` is what `matta train` calls."""
+    """One training run; `Run(cfg).train()` is what `matta train` calls for each run."""
 
     def __init__(self, cfg: TrainConfig, *, resume: bool = False, log=print):
         self.cfg = cfg
         self.resume = resume
         self.ctx = Context(cfg)
+        self.task = task_for(cfg)
         self.log = log if self.ctx.master else (lambda *a, **k: None)
         self.run_dir = Path(cfg.out)
+        self._lock = None
 
     # -- set-up ---------------------------------------------------------------------------
 
-    def _settle_threads(self) -> None:
-        """The CPU thread count: as given, else the one the run recorded (on --resume), else
-        the default; then recorded in the config. A count that differs from the recorded one
-        changes rounding, so the resumed run would not end where an uninterrupted one does."""
-        recorded = runs.read_config(self.run_dir).threads if self.resume else None
-        threads = self.cfg.threads or recorded or default_threads()
-        if recorded is not None and threads != recorded:
-            warnings.warn(f"--threads {threads} differs from the {recorded} thread(s) this run started with: "
-                          "it will not end bit-identical to an uninterrupted run", stacklevel=2)
-        torch.set_num_threads(threads)
-        self.cfg = dataclasses.replace(self.cfg, threads=threads)
-
     def setup(self):
-        ctx = self.ctx
+        ctx, task = self.ctx, self.task
+        if ctx.master and self._lock is None:
+            self._lock = RunDirLock(self.run_dir).__enter__()
         ckpt_path = latest_checkpoint(self.run_dir) if self.resume else None
         if self.resume and ckpt_path is None:
             raise CheckpointError(f"--resume: {self.run_dir} has no checkpoint yet; drop --resume to start a new run")
-        self._settle_threads()
-        cfg = self.cfg
-        if cfg.task == "classify":
-            self.data = ClassificationData(RelevanceTask(), cfg.seed)
-            cfg = self.cfg = dataclasses.replace(cfg, block_size=self.data.block_size)  # the task's length
-        else:
-            self.data: Data = load_data(
-                cfg.data,
-                block_size=cfg.block_size,
-                seed=cfg.seed,
-                tokenizer=cfg.tokenizer,
-                vocab_size=cfg.vocab_size,
-                val_fraction=cfg.val_fraction,
-                bin_dtype=cfg.bin_dtype,
-            )
-        check_memory(cfg, self.data.vocab_size, ctx)
+        recorded = read_config(self.run_dir).threads if self.resume else None
+        torch.set_num_threads(threads := settled_threads(self.cfg, recorded))
+        self.data = task.load_data(self.cfg)
+        self.cfg = cfg = task.configure(dataclasses.replace(self.cfg, threads=threads), self.data)
+        vocab = self.data.vocab_size
+        with torch.device("meta"):  # shapes only: nothing is allocated
+            check_memory(cfg, build_model(cfg, vocab), ctx)
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-        self.model = runs.build_model(cfg, self.data.vocab_size).to(ctx.device)
+        self.model = build_model(cfg, vocab).to(ctx.device)
         torch.manual_seed(cfg.seed + 1 + ctx.rank)  # but each rank its own dropout masks
-        criterion = criterion_for(cfg.mode, cfg.loss_weights, rampup_steps=cfg.rampup_steps,
-                                  rampup_start=cfg.rampup_start, rampup=cfg.rampup, temperature=cfg.temperature)
+
+        self.report = DeferredReport()  # the step's value checks, read at log steps
+        criterion = criterion_for(cfg, self.report)
         if "ta" not in criterion.streams:  # nothing reaches the TA-only layers: no gradient to wait for
             for p in self.model.ta_only_parameters():
                 p.requires_grad_(False)
-        objective = ClassifierObjective if cfg.task == "classify" else LMObjective
-        self.objective = objective(self.model, criterion)
+        self.objective = Objective(task, self.model, criterion)
         self.engine = parallel.wrap(self.objective, ctx, cfg)
         if cfg.compile:
             self.model.compile()
         self.optimizer = build_optimizer(cfg, self.model)
-        self.teacher = runs.load_teacher(cfg.teacher, self.data.vocab_size, ctx.device) if cfg.teacher else None
         self.max_steps = total_steps(cfg, ctx.world)
+        self.schedule = Schedule(cfg, self.max_steps, self.optimizer, criterion)
+        self.teacher = load_teacher(cfg.teacher, vocab, ctx.device) if cfg.teacher else None
         self.step = 0
         if ckpt_path is not None:
             self._restore(ckpt_path)
         elif ctx.master:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "metrics.jsonl").write_text("")
+            start_metrics(self.run_dir)
         if ctx.master:
-            write_json_atomic(self.run_dir / "config.json", json.loads(cfg.to_json()))
-            if self.data.tokenizer is not None:
-                write_text_atomic(self.run_dir / "tokenizer.json", self.data.tokenizer.to_json())
-            runs.write_model_info(self.run_dir, self.model, self.data.vocab_size)
-        self.val = self.data.validation if cfg.task == "classify" else self.data.val_blocks(cfg.eval_tokens or None)
-        self.flops_per_token = self.model.flops_per_token(cfg.block_size, criterion.streams)
-        self.peak = peak_flops(ctx.device)
+            write_run_files(self.run_dir, cfg, self.model, vocab, self.data.tokenizer)
+        self.val = task.validation(self.data, cfg)
         self.batches = StepBatches(self.data.train, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum,
                                    rank=ctx.rank, world=ctx.world, device=ctx.device)
         self._all_finite = torch.ones((), dtype=torch.bool, device=ctx.device)
@@ -241,15 +149,9 @@ class Run:
         if len(states) != self.ctx.world:
             warnings.warn(f"{path} was written by {len(states)} process(es), this run has {self.ctx.world}: "
                           "it continues, but not bit-identical to an uninterrupted run", stacklevel=2)
-        _set_rng_state(states[self.ctx.rank % len(states)], self.ctx.device)
-        if self.ctx.master:  # drop records written after the checkpoint by the interrupted run
-            metrics = self.run_dir / "metrics.jsonl"
-            kept = []
-            if metrics.is_file():
-                for line in metrics.read_text().splitlines():
-                    if line.strip() and json.loads(line)["step"] <= self.step:
-                        kept.append(line)
-            write_text_atomic(metrics, "".join(k + "\n" for k in kept))
+        self.ctx.set_rng_state(states[self.ctx.rank % len(states)])
+        if self.ctx.master:  # drop what the interrupted run logged after its checkpoint
+            keep_metrics_until(self.run_dir, self.step)
         self.log(f"matta: resumed from {path} at step {self.step}")
 
     # -- one step ---------------------------------------------------------------------------
@@ -258,17 +160,13 @@ class Run:
         """One optimizer step. Returns its record with the losses and the gradient norm still
         on the device (`read_record` brings them to the host)."""
         cfg = self.cfg
-        step = self.step
-        lr = learning_rate(step, lr=cfg.lr, min_lr=cfg.min_lr if cfg.min_lr is not None else cfg.lr / 10,
-                           warmup_steps=cfg.warmup_steps, max_steps=self.max_steps)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        lr, ramp = self.schedule.apply(self.step)
         losses = torch.zeros(len(LOSS_KEYS), dtype=torch.float64, device=self.ctx.device)
-        batches = self.batches.take(step)
+        batches = self.batches.take(self.step)
         for micro, (x, y) in enumerate(batches):
             with parallel.gradient_sync(self.engine, sync=micro == len(batches) - 1):
                 with self.ctx.autocast():
-                    out = self.engine(x, y, step, teacher=self.teacher)
+                    out = self.engine(x, y, teacher=self.teacher)
                 (out.loss / cfg.grad_accum).backward()
             losses += torch.stack([out.loss, out.student, out.ta, out.distill]).detach().double() / cfg.grad_accum
         grad_norm = None
@@ -280,65 +178,53 @@ class Run:
         if self.step < self.max_steps:
             self.batches.prefetch(self.step)
         self._all_finite &= torch.isfinite(losses).all()
-        return {"step": self.step, "lr": lr, "ramp": out.ramp, "losses": losses, "grad_norm": grad_norm}
+        return {"step": self.step, "lr": lr, "ramp": ramp, "losses": losses, "grad_norm": grad_norm}
 
     def read_record(self, rec: dict) -> dict:
         """The step record with plain numbers: one host read (and one all-reduce across ranks).
-        Raises FloatingPointError if any loss since the start was NaN or inf."""
+        Raises FloatingPointError if a value check of a step since the last read failed
+        (naming it: the loss and gradients of that step were NaN), or if any loss since the
+        start was NaN or inf."""
+        device = self.ctx.device
         norm = rec["grad_norm"]
-        flags = [torch.zeros(1, dtype=torch.float64, device=self.ctx.device) if norm is None else norm.reshape(1).double(),
-                 self._all_finite.reshape(1).double()]
-        values = self.ctx.mean_over_ranks(torch.cat([rec["losses"], *flags])).tolist()
-        if values[-1] < 1.0:
-            check_loss_inputs()  # a loss input at fault (NaN, a bad target) is named; else the loss itself overflowed
+        checks = [torch.zeros(1, dtype=torch.float64, device=device) if norm is None else norm.reshape(1).double(),
+                  self._all_finite.reshape(1).double(), self.report.any_failed(device).reshape(1).double()]
+        values = self.ctx.mean_over_ranks(torch.cat([rec["losses"], *checks])).tolist()
+        grad_norm, finite, check_failed = values[len(LOSS_KEYS):]
+        if check_failed > 0:
+            self.report.check(FloatingPointError, f"a check of the training step failed by step {rec['step']}: ")
+            raise FloatingPointError(f"a check of the training step failed on another rank by step {rec['step']}; "
+                                     "its log names it")
+        self.report.clear()  # nothing failed: drop the checks read
+        if finite < 1.0:
             raise FloatingPointError(
                 f"the loss became NaN or inf by step {rec['step']}; lower --lr or raise --warmup-steps"
             )
         out = {"step": rec["step"], "lr": rec["lr"], "ramp": rec["ramp"], **dict(zip(LOSS_KEYS, values))}
-        out["grad_norm"] = None if norm is None else values[len(LOSS_KEYS)]
+        out["grad_norm"] = None if norm is None else grad_norm
         return out
 
     # -- bookkeeping --------------------------------------------------------------------------
 
     def _record(self, rec: dict):
         if self.ctx.master:
-            with open(self.run_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(rec) + "\n")
+            append_metrics(self.run_dir, rec)
 
     def whole_model(self):
         """The nested model with whole weights on rank 0 (None elsewhere); a collective under FSDP."""
-        model = parallel.whole_model(self.engine, self.objective, lambda: runs.build_model(self.cfg, self.data.vocab_size),
+        model = parallel.whole_model(self.engine, self.objective, lambda: build_model(self.cfg, self.data.vocab_size),
                                      self.ctx.device)
         return model if self.ctx.master else None
 
-    def evaluate_nested(self, model) -> dict:
-        """The eval record of the nested model: validation loss of the Student and the TA (for
-        a classifier, cross-entropy against the Teacher's soft labels, and AucLoss)."""
-        if self.cfg.task == "classify":
-            s, ta = (evaluate_classifier(model, self.val, output=i, device=self.ctx.device) for i in (0, 1))
-            return {"val_student": s["teacher_loss"], "val_ta": ta["teacher_loss"],
-                    "auc_loss_student": s["auc_loss"], "auc_loss_ta": ta["auc_loss"]}
-        batch = max(1, min(self.cfg.batch_size, 64))
-        ls, lt = validation_loss(
-            model, self.val, batch_size=batch, device=self.ctx.device,
-            output="all", autocast_dtype=self.ctx.amp_dtype,
-        )
-        return {"val_student": ls, "val_ta": lt}
-
-    def score(self, model) -> dict:
-        """The final table's numbers for one extracted model."""
-        if self.cfg.task == "classify":
-            out = evaluate_classifier(model, self.val, device=self.ctx.device)
-            return {"auc_loss": out["auc_loss"], "auroc": out["auroc"], "val_loss": out["teacher_loss"]}
-        batch = max(1, min(self.cfg.batch_size, 64))
-        loss = validation_loss(model, self.val, batch_size=batch, device=self.ctx.device, autocast_dtype=self.ctx.amp_dtype)
-        return {"val_loss": loss, "perplexity": perplexity(loss)}
+    def _scoring(self) -> dict:
+        return dict(device=self.ctx.device, batch_size=max(1, min(self.cfg.batch_size, 64)),
+                    autocast_dtype=self.ctx.amp_dtype)
 
     def save(self):
         """Writes a checkpoint: the whole model and optimizer state, the step (which fixes the
         data position and the schedules) and every rank's random state. Every rank calls it."""
         model_state, optimizer_state = parallel.full_state(self.engine, self.objective, self.optimizer)
-        rng = self.ctx.gather(_rng_state(self.ctx.device))
+        rng = self.ctx.gather(self.ctx.rng_state())
         if self.ctx.master:
             save_checkpoint(self.run_dir, self.step, model_state, optimizer_state, {"rng": rng},
                             keep=max(1, self.cfg.keep_checkpoints))
@@ -346,9 +232,23 @@ class Run:
     def train(self, report: bool = True) -> dict:
         """Trains to the last step, then evaluates and (with `report`) prints the table and draws
         report.png; returns the results (empty on ranks other than 0)."""
+        try:
+            return self._train(report)
+        finally:
+            self.close()
+
+    def close(self):
+        """Lets go of the run folder (its lock); `train` does this itself."""
+        if self._lock is not None:
+            self._lock.__exit__(None, None, None)
+            self._lock = None
+
+    def _train(self, report: bool) -> dict:
         self.setup()
-        cfg, ctx = self.cfg, self.ctx
+        cfg, ctx, task = self.cfg, self.ctx, self.task
         tokens_per_step = cfg.batch_size * cfg.block_size * cfg.grad_accum * ctx.world
+        flops_per_token = self.model.flops_per_token(cfg.block_size, self.objective.criterion.streams)
+        peak = peak_flops(ctx.device)
         self.log(f"matta: data: {self.data.description}")
         student, ta = self.model.stream_shape("student"), self.model.stream_shape("ta")
         self.log(
@@ -374,19 +274,18 @@ class Run:
                 values = self.read_record(rec)  # the one host sync of these steps
                 if log_now:
                     tok_s = steps_since * tokens_per_step / max(time.perf_counter() - t_last, 1e-9)
-                    mfu = tok_s * self.flops_per_token / self.peak if self.peak else None
+                    mfu = tok_s * flops_per_token / peak if peak else None
                     values.update({"kind": "train", "tokens": self.step * tokens_per_step, "tokens_per_s": tok_s,
                                    "mfu": mfu})
                     self._record(values)
                     progress.show(values)
                 model = self.whole_model() if eval_now else None
                 if model is not None:
-                    scores = self.evaluate_nested(model)
+                    scores = task.evaluate_nested(model, self.val, **self._scoring())
                     self._record({"kind": "eval", "step": self.step, **scores})
-                    key, what = ("auc_loss", "AucLoss") if cfg.task == "classify" else ("val", "val loss")
-                    shown = {"student": f"Student {scores[key + '_student']:.4f}", "ta": f"TA {scores[key + '_ta']:.4f}"}
-                    progress.write(f"step {self.step}: {what} "
-                                   + ", ".join(shown[s] for s in self.objective.criterion.streams))
+                    shown = {s: f"{'Student' if s == 'student' else 'TA'} {scores[f'{task.eval_key}_{s}']:.4f}"
+                             for s in self.objective.criterion.streams}
+                    progress.write(f"step {self.step}: {task.eval_label} " + ", ".join(shown.values()))
                 if save_now:
                     self.save()
                 if log_now:  # tokens/s counts training only, not evaluations or checkpoints
@@ -400,7 +299,7 @@ class Run:
             return {}
         results = self.final_evaluation(nested)
         if report:
-            self.report(results)
+            self.report_results(results)
         return results
 
     # -- the end ---------------------------------------------------------------------------------
@@ -408,140 +307,23 @@ class Run:
     def final_evaluation(self, nested) -> dict:
         """Rank 0: the models cut out of `nested` (the Student alone for a Student-only run; else
         the Student, the TA and the family) on the validation set, written to results.json."""
-        cfg, ctx = self.cfg, self.ctx
+        cfg = self.cfg
         rows = []
         for name, spec, model in extracted_models(nested, family=cfg.family):
             if cfg.mode == "student" and spec != "student":  # the rest of the TA was never trained
                 continue
-            model.to(ctx.device)
+            model.to(self.ctx.device)
             rows.append({"name": name, "spec": spec, "about": describe(spec, cfg.mode, cfg.share_weights),
                          "params": model.num_parameters(non_embedding=True),
-                         "total_params": sum(p.numel() for p in model.parameters()), **self.score(model)})
+                         "total_params": sum(p.numel() for p in model.parameters()),
+                         **self.task.score(model, self.val, **self._scoring())})
             model.to("cpu")
-        results = {"step": self.step, "models": rows}
-        if cfg.task == "classify":
-            results.update(task=self.data.provenance, val_examples=len(self.val.ids),
-                           oracle_auc_loss=self.val.oracle_auc_loss(), teacher_auc_loss=self.val.teacher_auc_loss())
-        else:
-            results["val_tokens"] = int(self.val[:, 1:].numel())
-        write_json_atomic(self.run_dir / "results.json", results)
+        results = {"step": self.step, "models": rows, **self.task.results_fields(self.data, self.val)}
+        write_results(self.run_dir, results)
         return results
 
-    def report(self, results: dict) -> None:
+    def report_results(self, results: dict) -> None:
         """Prints the final table and draws RUN_DIR/report.png."""
-        if "val_examples" in results:
-            title = (f"validation ({results['val_examples']:,} examples; AucLoss of the ground truth "
-                     f"{results['oracle_auc_loss']:.4f}, of the Teacher {results['teacher_auc_loss']:.4f}) "
-                     f"after {results['step']} steps")
-        else:
-            title = f"validation ({results['val_tokens']:,} tokens) after {results['step']} steps"
-        self.log(format_table(results["models"], title=title))
+        self.log(format_table(results["models"], self.task.columns, title=self.task.table_title(results)))
         path = make_report(self.run_dir)
         self.log(f"matta: wrote {path} (loss curves, size vs quality) and {self.run_dir / 'results.json'}")
-
-
-BASELINE_DIR = "baseline"
-
-
-def describe(spec: str, mode: str, shared: bool = True) -> str:
-    """What a row of the final table is, in words."""
-    if spec == "student" and not shared:
-        return "Student of the unshared MatTA run (its own weights)"
-    if spec == "student":
-        return {"matta": "Student cut from the MatTA TA", "ta": "Student slice of a TA trained alone",
-                "student": "Student trained alone"}[mode]
-    if spec == "ta":
-        return "TA trained alone" if mode == "ta" else "TA of the MatTA run"
-    k = int(spec.split(":")[1])
-    return f"lowest {k // 2} and highest {k // 2} layers wide, the rest narrow"
-
-
-def spare_core() -> bool:
-    """Whether this process may use at least two cores (so a second one-thread run fits)."""
-    try:
-        return len(os.sched_getaffinity(0)) >= 2
-    except AttributeError:  # not Linux
-        return (os.cpu_count() or 1) >= 2
-
-
-def _train_baseline_process(cfg: TrainConfig, resume: bool, log_path: str) -> None:
-    """The baseline run in a process of its own (a `spawn` child), its output in `log_path`."""
-    with open(log_path, "a", buffering=1) as out:
-        sys.stdout = sys.stderr = out
-        Run(cfg, resume=resume).train(report=False)
-
-
-def train(cfg: TrainConfig, *, resume: bool = False, log=print, alongside: bool | None = None) -> dict:
-    """`matta train`: the run in `cfg.out`, then (for a single-process MatTA run with
-    `cfg.baseline`) the Student trained alone on the same data, steps and seed in
-    RUN_DIR/baseline, whose row joins the final table. `resume` continues whichever of the
-    two was interrupted.
-
-    `alongside` (default: when a one-thread CPU run leaves a core spare) trains the baseline in
-    a second process at the same time instead of afterwards, writing its output to
-    RUN_DIR/baseline/train.log. Both runs are one-thread and deterministic, so the numbers
-    are the same either way; only the wall time halves (about)."""
-    run = Run(cfg, resume=resume, log=log)
-    with_baseline = cfg.baseline and cfg.mode == "matta" and run.ctx.world == 1
-    if not with_baseline:
-        return run.train()
-    base_dir = Path(cfg.out) / BASELINE_DIR
-    # The baseline's thread count is the run's: as given, else (on resume) the recorded one, else the default.
-    threads = cfg.threads or (runs.read_config(base_dir).threads if resume and (base_dir / "config.json").is_file()
-                              else None) or default_threads()
-    base_cfg = dataclasses.replace(cfg, out=str(base_dir), mode="student", baseline=False, family=False, threads=threads)
-    base_resume = resume and latest_checkpoint(base_dir) is not None
-    if not base_resume:  # a fresh baseline must not inherit the checkpoints of an older one
-        shutil.rmtree(base_dir / "checkpoints", ignore_errors=True)
-    if alongside is None:
-        alongside = run.ctx.device.type == "cpu" and threads == 1 and spare_core()
-    what = f"matta: baseline: the Student trained alone, same data, steps and seed, in {base_dir}"
-    child = None
-    if alongside:
-        base_dir.mkdir(parents=True, exist_ok=True)
-        log_path = base_dir / "train.log"
-        log(f"{what}, alongside in a second process (its log: {log_path})")
-        base_cfg = dataclasses.replace(base_cfg, progress=False)
-        child = multiprocessing.get_context("spawn").Process(
-            target=_train_baseline_process, args=(base_cfg, base_resume, str(log_path)), name="matta-baseline")
-        child.start()
-    try:
-        results = run.train(report=False)
-        if child is not None:
-            child.join()
-            if child.exitcode != 0:
-                tail = "".join(log_path.read_text().splitlines(keepends=True)[-5:]) if log_path.is_file() else ""
-                raise RuntimeError(f"the baseline run (the Student trained alone, {base_dir}) failed with exit code "
-                                   f"{child.exitcode}; its log {log_path} ends:\n{tail}rerun with --resume to continue it")
-            base = json.loads((base_dir / "results.json").read_text())
-        else:
-            log(what)
-            base = Run(base_cfg, resume=base_resume, log=lambda *a, **k: log("baseline:", *a, **k)).train(report=False)
-    finally:
-        if child is not None and child.is_alive():  # the main run stopped: so does the baseline
-            child.terminate()
-            child.join()
-    row = dict(base["models"][0], name="Student alone", spec=BASELINE_DIR, about="baseline: " + describe("student", "student"))
-    results["models"].append(row)
-    write_json_atomic(Path(cfg.out) / "results.json", results)
-    run.report(results)
-    return results
-
-
-def format_table(rows: list[dict], title: str = "") -> str:
-    """The final table: model, parameters (non-embedding), validation loss and perplexity (for
-    a classifier: AucLoss, AUROC and cross-entropy against the Teacher), what it is."""
-    if rows and "auc_loss" in rows[0]:
-        head = ("model", "params (non-emb)", "AucLoss", "AUROC", "CE vs Teacher", "what it is")
-        lines = [[r["name"], f"{r['params'] / 1e6:.3f}M", f"{r['auc_loss']:.4f}", f"{r['auroc']:.4f}",
-                  f"{r['val_loss']:.4f}", r.get("about", "")] for r in rows]
-    else:
-        head = ("model", "params (non-emb)", "val loss", "perplexity", "what it is")
-        lines = [[r["name"], f"{r['params'] / 1e6:.3f}M", f"{r['val_loss']:.4f}", f"{r['perplexity']:.2f}",
-                  r.get("about", "")] for r in rows]
-    widths = [max(len(h), *(len(l[i]) for l in lines)) for i, h in enumerate(head)]
-    fmt = lambda cells: "  ".join(c.ljust(w) if i in (0, len(head) - 1) else c.rjust(w)  # noqa: E731
-                                  for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
-    rule = "-" * len(fmt(head))
-    out = ([title] if title else []) + [fmt(head), rule] + [fmt(l) for l in lines]
-    return "\n".join(out)

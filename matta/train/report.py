@@ -1,22 +1,50 @@
-"""RUN_DIR/report.png: training curves and the size-vs-quality curve of a run (matplotlib).
+"""What a run shows at its end: the final table, and RUN_DIR/report.png (matplotlib).
 
-Left: the three MatTA loss terms per step (L_S, L_TA, L_D). Middle: validation losses of
-the Student and the TA, and of the Student trained alone when the run has a baseline
-(RUN_DIR/baseline). Right: validation loss against non-embedding parameters of the
-extracted models (Student, wide-narrow-wide family, TA; the baseline as a black x), as in
-the paper's Figure 5.
+The table: one row per extracted model (and the baseline), with its non-embedding
+parameters, the task's columns and what the row is.
+report.png: left, the three MatTA loss terms per step (L_S, L_TA, L_D); middle, the task's
+validation metric of the Student and the TA, and of the Student trained alone when the run
+has a baseline (RUN_DIR/baseline); right, that metric against the non-embedding parameters
+of the extracted models (Student, wide-narrow-wide family, TA; the baseline as a black x),
+as in the paper's Figure 5.
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+from .._atomic import write_atomic
+from ..extraction import parse_spec
+from .run_dir import read_metrics, read_results
+from .tasks import Column, task_for
 
-def read_metrics(run_dir) -> list[dict]:
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+def describe(spec: str, mode: str, shared: bool = True) -> str:
+    """What a row of the final table is, in words."""
+    if spec == "student" and not shared:
+        return "Student of the unshared MatTA run (its own weights)"
+    if spec == "student":
+        return {"matta": "Student cut from the MatTA TA", "ta": "Student slice of a TA trained alone",
+                "student": "Student trained alone"}[mode]
+    if spec == "ta":
+        return "TA trained alone" if mode == "ta" else "TA of the MatTA run"
+    _, k = parse_spec(spec)
+    return f"lowest {k // 2} and highest {k // 2} layers wide, the rest narrow"
+
+
+def format_table(rows: list[dict], columns: tuple[Column, ...], title: str = "") -> str:
+    """The final table: model, parameters (non-embedding), the task's columns, what it is."""
+    head = ("model", "params (non-emb)", *(c.title for c in columns), "what it is")
+    lines = [[r["name"], f"{r['params'] / 1e6:.3f}M", *(format(r[c.key], c.fmt) for c in columns), r.get("about", "")]
+             for r in rows]
+    widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(head)]
+
+    def fmt(cells):
+        return "  ".join(c.ljust(w) if i in (0, len(head) - 1) else c.rjust(w)
+                         for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+
+    rule = "-" * len(fmt(head))
+    return "\n".join(([title] if title else []) + [fmt(head), rule] + [fmt(line) for line in lines])
 
 
 def make_report(run_dir, path=None) -> Path:
@@ -31,8 +59,7 @@ def make_report(run_dir, path=None) -> Path:
     records = read_metrics(run_dir)
     train = [r for r in records if r.get("kind") == "train"]
     evals = [r for r in records if r.get("kind") == "eval"]
-    results_path = run_dir / "results.json"
-    results = json.loads(results_path.read_text()) if results_path.is_file() else {"models": []}
+    results = read_results(run_dir) or {"models": []}
 
     fig, (ax_loss, ax_val, ax_size) = plt.subplots(1, 3, figsize=(17, 4.8))
     steps = [r["step"] for r in train]
@@ -52,9 +79,8 @@ def make_report(run_dir, path=None) -> Path:
     config_path = run_dir / "config.json"
     config = json.loads(config_path.read_text()) if config_path.is_file() else {}
     mode = config.get("mode", "matta")
-    # A classifier (--task classify) is judged by AucLoss, a language model by its loss.
-    key, metric, label = (("auc_loss_", "auc_loss", "validation AucLoss (1 - AUROC)") if config.get("task") == "classify"
-                          else ("val_", "val_loss", "validation loss"))
+    task = task_for(config.get("task", "lm"))
+    key, metric, metric_label = task.eval_key + "_", task.metric, task.metric_label
     if evals:
         e_steps = [r["step"] for r in evals]
         if mode != "ta":
@@ -68,7 +94,7 @@ def make_report(run_dir, path=None) -> Path:
         ax_val.plot([r["step"] for r in baseline], [r[key + "student"] for r in baseline], "x:", color="black",
                     label="Student trained alone", ms=6)
     ax_val.set_xlabel("step")
-    ax_val.set_ylabel(label)
+    ax_val.set_ylabel(metric_label)
     ax_val.set_title("what MatTA bought the Student" if baseline else "validation")
     ax_val.grid(alpha=0.3)
     if evals or baseline:
@@ -84,16 +110,16 @@ def make_report(run_dir, path=None) -> Path:
             style = {"student": ("tab:blue", "o", 80), "ta": ("tab:orange", "s", 80),
                      "baseline": ("black", "x", 80)}.get(m["spec"], ("tab:purple", "^", 40))
             ax_size.scatter([x], [y], color=style[0], marker=style[1], s=style[2], zorder=2)
-            label = m["name"].replace("wide-narrow-wide ", "WNW ")
-            ax_size.annotate(label, (x, y), textcoords="offset points", xytext=(4, 6), fontsize=8)
+            name = m["name"].replace("wide-narrow-wide ", "WNW ")
+            ax_size.annotate(name, (x, y), textcoords="offset points", xytext=(4, 6), fontsize=8)
     ax_size.set_xlabel("non-embedding parameters (M)")
-    ax_size.set_ylabel(label)
+    ax_size.set_ylabel(metric_label)
     ax_size.set_title("size vs quality of extracted models (Mix'n'Match)")
     ax_size.grid(alpha=0.3)
 
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
+    try:
+        write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    finally:
+        plt.close(fig)
     return path

@@ -1,29 +1,37 @@
-"""Run directories: the model a run trains, and reading a finished (or running) run back.
+"""Run directories: what a run writes, the model it trains, and reading a run back.
 
-`matta train --out RUN_DIR` writes (see matta/train/trainer.py for the rest):
-    config.json      the resolved TrainConfig
+`matta train --out RUN_DIR` writes:
+    config.json      the resolved TrainConfig (with the CPU thread count used)
     model.json       {"kind": "gpt2" | "gau", "vocab_size", "config": the Student's model
                      config, "nesting": the NestingConfig}: what rebuilds the model
     tokenizer.json   the tokenizer (absent for pre-tokenised data without one)
-    checkpoints/     atomic checkpoints; `latest` names the newest
+    metrics.jsonl    one JSON record per log step ("train") and per evaluation ("eval")
+    checkpoints/     atomic checkpoints (see checkpoint.py); `latest` names the newest
+    results.json     the final table: per model, parameters and the task's scores
+    report.png       loss curves and the size-vs-quality curve (report.py)
+    .lock            held (flock) by the one process that writes the folder
+    baseline/        with the default baseline: the Student trained alone, a run folder too
 
 `build_model(cfg, vocab_size)` makes the nested model a TrainConfig asks for;
 `load_run(run_dir)` gives back (config, model with the latest weights, tokenizer), and
 `load_teacher(path, ...)` a frozen Teacher from a run or a Hugging Face GPT-2 folder.
+`RunDirLock` keeps a second process out of a folder that a live one writes.
 """
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import json
+import os
 from pathlib import Path
 
-from ._atomic import write_json_atomic
-from .classification import NUM_CLASSES
-from .data import tokenizer_from_json
-from .models import GAU_PRESETS, GPT2_PRESETS, GAUConfig, GPT2Config, NestedGAU, NestedGPT2, NestedLM, NestingConfig
-from .models import load_hf_gpt2
-from .train.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
-from .train.config import ConfigError, TrainConfig, make_config
+from .._atomic import write_json_atomic, write_text_atomic
+from ..data import tokenizer_from_json
+from ..models import GAU_PRESETS, GPT2_PRESETS, GAUConfig, GPT2Config, NestedGAU, NestedGPT2, NestedLM, NestingConfig
+from ..models import load_hf_gpt2
+from .checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
+from .config import ConfigError, TrainConfig, make_config
+from .tasks import task_for
 
 # The model families a run can train, by `NestedLM.architecture`: (model class, config class, presets).
 ARCHITECTURES = {
@@ -31,6 +39,8 @@ ARCHITECTURES = {
     NestedGAU.architecture: (NestedGAU, GAUConfig, GAU_PRESETS),
 }
 MODEL_INFO = "model.json"
+METRICS = "metrics.jsonl"
+RESULTS = "results.json"
 
 
 def model_configs(cfg: TrainConfig, vocab_size: int):
@@ -40,16 +50,15 @@ def model_configs(cfg: TrainConfig, vocab_size: int):
         known = sorted(p for _, _, presets in ARCHITECTURES.values() for p in presets)
         raise ConfigError(f"unknown model {cfg.model!r}; choose one of {', '.join(known)}")
     _, config_cls, presets = ARCHITECTURES[kind]
+    task = task_for(cfg)
+    if kind not in task.architectures:
+        raise ConfigError(f"--task {task.name} trains {task.what}; use a {' or '.join(a + '-*' for a in task.architectures)} "
+                          f"model (the default is {task.default_model}), not {cfg.model!r}")
     overrides = {"vocab_size": vocab_size, "dropout": cfg.dropout}
     for name in ("n_layer", "n_embd"):
         if getattr(cfg, name) is not None:
             overrides[name] = getattr(cfg, name)
-    if cfg.task == "classify":
-        if kind != "gau":
-            raise ConfigError(f"--task classify trains a GAU classifier; use a gau-* model, not {cfg.model!r}")
-        overrides.update(num_classes=NUM_CLASSES, n_positions=cfg.block_size)
-    elif cfg.block_size > presets[cfg.model].n_positions:
-        overrides["n_positions"] = cfg.block_size
+    overrides.update(task.model_overrides(cfg, presets[cfg.model]))
     # The FFN width is n_inner (4 d) for GPT-2 and the expansion e (2 d) for GAU.
     ffn_field, ffn_per_width = ("n_inner", 4) if kind == "gpt2" else ("expansion", 2)
     if cfg.ffn is not None:
@@ -100,6 +109,15 @@ def model_from_info(run_dir) -> NestedLM:
     except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(f"{path} is missing or unreadable ({type(exc).__name__}: {exc}); "
                               "the run directory is incomplete") from None
+
+
+def write_run_files(run_dir, cfg: TrainConfig, model: NestedLM, vocab_size: int, tokenizer) -> None:
+    """config.json, model.json and (when there is one) tokenizer.json: what rebuilds the run."""
+    run_dir = Path(run_dir)
+    write_json_atomic(run_dir / "config.json", json.loads(cfg.to_json()))
+    if tokenizer is not None:
+        write_text_atomic(run_dir / "tokenizer.json", tokenizer.to_json())
+    write_model_info(run_dir, model, vocab_size)
 
 
 def read_config(run_dir) -> TrainConfig:
@@ -156,3 +174,108 @@ def load_teacher(path, vocab_size: int, device):
             "use a Teacher trained with the same tokenizer (--tokenizer/--data)"
         )
     return teacher.to(device).eval().requires_grad_(False)
+
+
+# ----------------------------------------------------------------------------------------
+# metrics.jsonl and results.json
+
+
+def read_metrics(run_dir) -> list[dict]:
+    """The records of RUN_DIR/metrics.jsonl. A torn last line (what a kill or a full disk
+    leaves in the middle of an append) is dropped; a bad line before it means the file
+    was damaged otherwise, and is an error naming it."""
+    path = Path(run_dir) / METRICS
+    if not path.is_file():
+        return []
+    lines = path.read_text(errors="replace").split("\n")
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if all(not rest.strip() for rest in lines[number:]):
+                break  # the torn last line
+            raise CheckpointError(f"{path}, line {number}, is not a JSON record; repair or delete the line") from None
+    return records
+
+
+def start_metrics(run_dir) -> None:
+    """An empty RUN_DIR/metrics.jsonl, for a run that starts from step 0."""
+    write_text_atomic(Path(run_dir) / METRICS, "")
+
+
+def append_metrics(run_dir, record: dict) -> None:
+    """Appends one record (one line) to RUN_DIR/metrics.jsonl."""
+    with open(Path(run_dir) / METRICS, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def keep_metrics_until(run_dir, step: int) -> None:
+    """Drops the records after `step` (written by a run that then stopped before its next
+    checkpoint), and a torn last line, atomically."""
+    kept = [r for r in read_metrics(run_dir) if r.get("step", 0) <= step]
+    write_text_atomic(Path(run_dir) / METRICS, "".join(json.dumps(r) + "\n" for r in kept))
+
+
+def read_results(run_dir) -> dict | None:
+    """RUN_DIR/results.json, or None when the run has not finished."""
+    path = Path(run_dir) / RESULTS
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path} is unreadable ({exc}); rerun the run with --resume to write it again") from None
+
+
+def write_results(run_dir, results: dict) -> None:
+    write_json_atomic(Path(run_dir) / RESULTS, results)
+
+
+# ----------------------------------------------------------------------------------------
+# One writer per run folder
+
+
+class RunDirLock:
+    """An exclusive `flock` on RUN_DIR/.lock while a process writes the folder.
+
+    The kernel drops the lock when its holder dies however it dies (kill -9 included), so
+    a crashed run never locks its folder out; a live writer does, and a second process that
+    tries gets a CheckpointError naming it. Re-entrant within a process (a run and the
+    orchestration around it take the same folder's lock).
+    """
+
+    _held: dict = {}  # resolved path -> [fd, depth], this process's locks
+
+    def __init__(self, run_dir):
+        self.path = Path(run_dir).resolve() / ".lock"
+
+    def __enter__(self):
+        held = self._held.get(self.path)
+        if held is not None:
+            held[1] += 1
+            return self
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            try:
+                holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
+            finally:
+                os.close(fd)
+            raise CheckpointError(f"{self.path.parent} is being written by another process (pid {holder}); "
+                                  "wait for it to end, or end it, then rerun") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self._held[self.path] = [fd, 1]
+        return self
+
+    def __exit__(self, *exc):
+        held = self._held[self.path]
+        held[1] -= 1
+        if held[1] == 0:
+            del self._held[self.path]
+            os.close(held[0])  # closing drops the flock
