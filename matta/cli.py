@@ -13,6 +13,7 @@ line naming the problem and the fix and exits with code 2; `--debug` shows the t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -26,6 +27,7 @@ from .data import DataError
 from .evaluation import TaskError
 from .ops.backend import BackendError, check_environment
 from .study import StudyError
+from .train.baseline import BaselineError
 from .train.checkpoint import CheckpointError
 from .train.config import BOOL_FIELDS, FIELDS, ConfigError, coerce, load_toml, make_config
 
@@ -84,20 +86,23 @@ def _train_values(args) -> tuple[dict, bool]:
 
 
 def cmd_train(args) -> int:
+    from .train import train
+    from .train.run_dir import RunDirLock
+
     values, resume = _train_values(args)
     cfg = make_config(values)
     run_dir = Path(cfg.out)
-    existing = run_dir / "checkpoints"
-    if not resume and existing.is_dir() and any(existing.iterdir()) and int(os.environ.get("RANK", "0")) == 0:
-        if not args.overwrite:
-            raise CLIError(
-                f"{run_dir} already holds a run; pass --resume to continue it, --overwrite to replace it, "
-                "or choose another --out"
-            )
-        shutil.rmtree(existing)
-    from .train import train
-
-    train(cfg, resume=resume)
+    master = int(os.environ.get("RANK", "0")) == 0
+    with RunDirLock(run_dir) if master else contextlib.nullcontext():  # before anything in the folder is touched
+        existing = run_dir / "checkpoints"
+        if not resume and master and existing.is_dir() and any(existing.iterdir()):
+            if not args.overwrite:
+                raise CLIError(
+                    f"{run_dir} already holds a run; pass --resume to continue it, --overwrite to replace it, "
+                    "or choose another --out"
+                )
+            shutil.rmtree(existing)
+        train(cfg, resume=resume)
     return 0
 
 
@@ -369,7 +374,7 @@ def main(argv=None) -> int:
         check_environment()
         commands = {"train": cmd_train, "extract": cmd_extract, "eval": cmd_eval, "bench": cmd_bench, "study": cmd_study}
         return commands[args.command](args)
-    except (CLIError, *USAGE_ERRORS, FloatingPointError) as exc:
+    except (CLIError, *USAGE_ERRORS, FloatingPointError, BaselineError) as exc:
         if debug:
             raise
         print(f"{prog}: error: {exc}", file=sys.stderr)

@@ -90,6 +90,20 @@ def bf16_rounds_to_nearest(monkeypatch):
     monkeypatch.setattr(interpreter, "_convert_float", convert)
 
 
+CORPUS_WORDS = ["the", "cat", "sat", "on", "a", "mat", "and", "dog", "ran", "far", "away", "home"]
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    """A small text file of random words: data for tiny training runs."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    path = tmp_path / "corpus.txt"
+    path.write_text(" ".join(CORPUS_WORDS[i] for i in rng.integers(0, len(CORPUS_WORDS), 3000)))
+    return path
+
+
 @pytest.fixture
 def knobs():
     """Sets kernel knobs (matta.ops.backend.KernelKnobs) for one test: `knobs(tiles=(64, 64, 32))`,

@@ -119,6 +119,16 @@ def test_bad_settings_are_refused(tmp_path, changes, message):
         Run(cfg).setup()
 
 
+def test_the_task_chooses_a_model_that_can_do_it(tmp_path):
+    """--task classify without --model trains the task's own default, a GAU classifier."""
+    assert make_config({"task": "classify"}).model == "gau-tiny" and make_config({}).model == "gpt2-tiny"
+    values = {k: v for k, v in vars(classify(tmp_path, max_steps=1, eval_interval=0, family=False)).items()
+              if k != "model"}
+    run = Run(make_config({**values, "model": None}))
+    run.setup()
+    assert run.cfg.model == "gau-tiny" and run.model.architecture == "gau" and run.model.head is not None
+
+
 def test_matta_loss_module_takes_soft_labels_of_a_classifier():
     """The public objective accepts (B, 2) logits and (B, 2) probabilities, as the trainer uses it."""
     logits_s, logits_ta = torch.randn(5, 2, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64)

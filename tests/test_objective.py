@@ -136,3 +136,53 @@ def test_objective_runs_the_streams_its_loss_reads(mode, monkeypatch):
         assert out.student.item() == pytest.approx(ce[0], rel=1e-5)
     if mode != "student":
         assert out.ta.item() == pytest.approx(ce[1], rel=1e-5)
+
+
+@pytest.mark.parametrize("stream", ["student", "ta"])
+@pytest.mark.parametrize("fault, message", [
+    ("id_out_of_range", r"class ids must be in \[0, 37\)"), ("negative_id", "ignore_index=-100"),
+    ("soft_times_5", "sum to 1"), ("negative_soft", "negative"), ("nan_hidden", "h_(s|ta) contains NaN"),
+])
+@pytest.mark.parametrize("head", ["fused_linear", "logits"])
+def test_one_stream_checks_its_inputs_as_two_streams_do(stream, fault, message, head):
+    """A bad target or input never gives one stream a finite, wrong loss: the loss and its
+    gradients are NaN and the criterion's report names the problem (no host sync before)."""
+    h_s, h_ta, weight, bias = _inputs()
+    h = h_s if stream == "student" else h_ta
+    criterion = MatTALoss((1.0, 0.0, 0.0) if stream == "student" else (0.0, 1.0, 0.0))
+    target = torch.randint(0, V, (3, 5))
+    if fault == "id_out_of_range":
+        target[1, 2] = V + 3
+    elif fault == "negative_id":
+        target[0, 0] = -5
+    elif fault in ("soft_times_5", "negative_soft"):
+        target = torch.softmax(torch.randn(3, 5, V), -1)
+        target = target * 5 if fault == "soft_times_5" else target - target.mean(-1, keepdim=True)
+    elif fault == "nan_hidden":
+        h = h.detach().clone()
+        h[2, 1, 0] = float("nan")
+        h.requires_grad_()
+    pair = (h, None) if stream == "student" else (None, h)
+    if head == "fused_linear":
+        out = criterion.fused_linear(*pair, weight, target, bias=bias)
+    else:
+        if fault == "nan_hidden":
+            message = "not finite"
+        logits = torch.nn.functional.linear(h, weight[:, : h.shape[-1]], bias)
+        out = criterion(*((logits, None) if stream == "student" else (None, logits)), target)
+    assert torch.isnan(out.loss)
+    out.loss.backward()
+    assert torch.isnan(h.grad).all()
+    with pytest.raises(ValueError, match=message):
+        criterion.check_inputs()
+    criterion.check_inputs()  # read and cleared
+
+
+def test_one_stream_on_full_logits_equals_the_fused_head():
+    h_s, _, weight, bias = _inputs(torch.float64)
+    target = torch.randint(0, V, (3, 5))
+    criterion = MatTALoss((1.0, 0.0, 0.0))
+    fused = criterion.fused_linear(h_s, None, weight, target, bias=bias)
+    logits = torch.nn.functional.linear(h_s, weight[:, :D_S], bias)
+    alone = criterion(logits, None, target)
+    torch.testing.assert_close(alone.loss, fused.loss, rtol=0, atol=0)

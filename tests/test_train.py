@@ -7,7 +7,6 @@ import os
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -17,17 +16,6 @@ from matta.train import load_run
 from matta.train import Run, latest_checkpoint, learning_rate, load_checkpoint, make_config, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-WORDS = ["the", "cat", "sat", "on", "a", "mat", "and", "dog", "ran", "far", "away", "home"]
-
-
-@pytest.fixture
-def corpus(tmp_path):
-    rng = np.random.default_rng(0)
-    path = tmp_path / "corpus.txt"
-    path.write_text(" ".join(WORDS[i] for i in rng.integers(0, len(WORDS), 3000)))
-    return path
 
 
 def tiny(tmp_path, corpus, name="run", **overrides):

@@ -73,7 +73,7 @@ def use_triton(*tensors: torch.Tensor) -> bool:
         return on_cuda and triton_available()
     if not triton_available():
         raise BackendError("MATTA_BACKEND=triton but Triton is not installed (pip install triton)")
-    if any(t.is_meta for t in tensors):  # shapes only (tracing): nothing for a kernel to compute
+    if any(t.device.type == "meta" for t in tensors):  # shapes only (tracing): nothing for a kernel to compute
         return False
     if not on_cuda and not triton_interpreting():
         raise BackendError(

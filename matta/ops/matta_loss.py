@@ -418,10 +418,10 @@ def one_stream_loss(logits, stream, labels, keep, checks: ValueChecks, report, w
     math_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
     logits = logits.to(math_dtype)
     if labels.dim() == 1:
-        # An id out of range (reported through `checks`) must not reach cross_entropy, which raises.
-        valid = (labels >= 0) & (labels < logits.shape[-1])
-        total = F.cross_entropy(logits, torch.where(valid, labels, ignore_index), ignore_index=ignore_index,
-                                reduction="sum")
+        # An id out of range (reported through `checks`) must not reach cross_entropy, which
+        # raises: it counts as class 0, so its row, like the others, gets the NaN gradient.
+        valid = ((labels >= 0) & (labels < logits.shape[-1])) | (labels == ignore_index)
+        total = F.cross_entropy(logits, torch.where(valid, labels, 0), ignore_index=ignore_index, reduction="sum")
     else:
         per_token = -(labels.to(math_dtype) * torch.log_softmax(logits, -1)).sum(-1)
         total = (per_token if keep is None else per_token * keep).sum()

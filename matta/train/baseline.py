@@ -33,6 +33,10 @@ from .trainer import Run
 BASELINE_DIR = "baseline"
 
 
+class BaselineError(RuntimeError):
+    """The baseline run beside a MatTA run failed; the message names its log."""
+
+
 def spare_core() -> bool:
     """Whether this process may use at least two cores (so a second one-thread run fits)."""
     try:
@@ -103,9 +107,11 @@ def _train_with_baseline(run: Run, cfg: TrainConfig, resume: bool, log, alongsid
         if child is not None:
             child.join()
             if child.exitcode != 0:
-                tail = "".join(log_path.read_text().splitlines(keepends=True)[-5:]) if log_path.is_file() else ""
-                raise RuntimeError(f"the baseline run (the Student trained alone, {base_dir}) failed with exit code "
-                                   f"{child.exitcode}; its log {log_path} ends:\n{tail}rerun with --resume to continue it")
+                lines = [line for line in log_path.read_text(errors="replace").splitlines() if line.strip()] \
+                    if log_path.is_file() else []
+                raise BaselineError(f"the baseline run (the Student trained alone, {base_dir}) failed with exit code "
+                                    f"{child.exitcode}{f' ({lines[-1].strip()})' if lines else ''}; see {log_path}, "
+                                    "and rerun with --resume to continue it")
             base = read_results(base_dir)
         else:
             log(what)

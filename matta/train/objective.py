@@ -16,6 +16,7 @@ from torch import nn
 from ..losses import MatTALoss
 from ..models import NestedLM
 from ..ops import DeferredReport
+from ..ops.matta_loss import needed_streams
 from .tasks import Task
 
 
@@ -24,6 +25,11 @@ def mode_weights(mode: str, loss_weights) -> tuple:
     "ta" keep only their own label term, so only their stream is computed."""
     w_s, w_ta, w_d = loss_weights
     return {"matta": (w_s, w_ta, w_d), "student": (w_s, 0.0, 0.0), "ta": (0.0, w_ta, 0.0)}[mode]
+
+
+def streams_of(mode: str, loss_weights) -> tuple:
+    """The model streams a run in `mode` computes: ("student", "ta"), ("student",) or ("ta",)."""
+    return needed_streams(mode_weights(mode, loss_weights))
 
 
 def criterion_for(cfg, report: DeferredReport | None = None) -> MatTALoss:

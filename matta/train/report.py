@@ -15,6 +15,7 @@ from pathlib import Path
 
 from .._atomic import write_atomic
 from ..extraction import parse_spec
+from .objective import streams_of
 from .run_dir import read_metrics, read_results
 from .tasks import Column, task_for
 
@@ -81,12 +82,13 @@ def make_report(run_dir, path=None) -> Path:
     mode = config.get("mode", "matta")
     task = task_for(config.get("task", "lm"))
     key, metric, metric_label = task.eval_key + "_", task.metric, task.metric_label
+    streams = streams_of(mode, config.get("loss_weights", (1.0, 1.0, 1.0)))
     if evals:
         e_steps = [r["step"] for r in evals]
-        if mode != "ta":
+        if "student" in streams:
             ax_val.plot(e_steps, [r[key + "student"] for r in evals], "o-", color="tab:blue", ms=5,
                         label="Student (MatTA)" if mode == "matta" else "Student")
-        if mode != "student":
+        if "ta" in streams:
             ax_val.plot(e_steps, [r[key + "ta"] for r in evals], "s--", color="tab:orange", ms=4,
                         label="TA (MatTA)" if mode == "matta" else "TA")
     baseline = [r for r in read_metrics(run_dir / "baseline") if r.get("kind") == "eval"]
