@@ -1,0 +1,86 @@
+"""`matta cost`: predict one `matta train` step on a device card (a traced cost model).
+
+    matta cost --model gpt2-medium --ffn-ta 8192 --extra-layers 12 --block-size 1024 --batch-size 16
+    matta cost ... --card h200 --gpus 8 --optimizer shampoo --e-c 0.6 --json out.json
+    matta cost ... --card cpu-card.json        # a CPU card written by benchmarks/calibrate_cost.py
+
+It takes `matta train`'s model, batch and optimizer flags (the rest are accepted and
+ignored) and prints the predicted time per phase, tokens/s, MFU, launches and host syncs per
+step, the overhead share and the ops that cost most. `print_prediction_for_this_gpu` is the
+entry `benchmarks/gpu_check.sh` calls to print the prediction beside its measurement.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from ..train.config import ConfigError, make_config
+from .cards import card_for_cuda_device, load_card
+from .predict import format_prediction, predict, summary
+from .step import trace_training_step
+
+GPT2_VOCAB = 50257
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags of `matta cost` besides `matta train`'s (which cli.py adds)."""
+    g = p.add_argument_group("cost model")
+    g.add_argument("--card", default="h100", help="h100, h200, a100 or a card JSON file (default h100)")
+    g.add_argument("--gpus", type=int, default=1, help="DDP processes to price the all-reduce for (default 1)")
+    for name, what in (("e-c", "GEMM"), ("e-attn", "attention"), ("e-m", "memory-bandwidth"),
+                       ("e-net", "NVLink")):
+        g.add_argument(f"--{name}", type=float, default=None, help=f"{what} efficiency (default: the card's)")
+    g.add_argument("--launch-us", type=float, default=None, help="microseconds per launch (default: the card's)")
+    g.add_argument("--sync-us", type=float, default=None, help="microseconds per host sync (default: the card's)")
+    g.add_argument("--newton-iterations", type=int, default=18, help="Newton iterations of a traced root step")
+    g.add_argument("--top", type=int, default=12, help="rows of the costliest-ops table")
+    g.add_argument("--where", action="store_true", help="group the ops table by source line (slower trace)")
+    g.add_argument("--json", default=None, help="also write the prediction to this JSON file")
+
+
+def card_from_args(args):
+    card = load_card(args.card)
+    try:
+        return card.with_efficiencies(
+            e_c=args.e_c, e_attn=args.e_attn, e_m=args.e_m, e_net=args.e_net,
+            launch=None if args.launch_us is None else args.launch_us * 1e-6,
+            sync=None if args.sync_us is None else args.sync_us * 1e-6)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def run(args, train_values: dict) -> int:
+    """`matta cost` with the parsed cost flags and the train flags as a config dict."""
+    try:
+        card = card_from_args(args)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    if args.gpus < 1:
+        raise ConfigError(f"--gpus must be >= 1, got {args.gpus}")
+    vocab = train_values.pop("vocab_size", None) or GPT2_VOCAB
+    cfg = make_config(train_values)
+    trace = trace_training_step(cfg, vocab, card, newton_iterations=args.newton_iterations, with_locations=args.where)
+    try:
+        pred = predict(trace, card, world=args.gpus, top=args.top)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    print(format_prediction(pred, trace))
+    if "vocab_size" not in train_values and vocab == GPT2_VOCAB:
+        print(f"  (vocabulary {GPT2_VOCAB}, GPT-2's: pass --vocab-size to price another)")
+    if args.json:
+        Path(args.json).write_text(json.dumps(summary(pred), indent=2) + "\n")
+    return 0
+
+
+def print_prediction_for_this_gpu(**train_values) -> dict:
+    """Prints the predicted step of `train_values` (make_config keys) on the CUDA device this
+    process sees, and returns `summary` of it; for gpu_check.sh, beside its measurement."""
+    import torch
+
+    card = card_for_cuda_device(torch.cuda.get_device_name())
+    vocab = train_values.pop("vocab_size", None) or GPT2_VOCAB
+    trace = trace_training_step(make_config(train_values), vocab, card)
+    pred = predict(trace, card)
+    print(format_prediction(pred, trace))
+    return summary(pred)
