@@ -198,3 +198,57 @@ def test_matta_cost_command(capsys, tmp_path):
     assert json.loads(out.read_text())["predicted"] is True
     assert cli.main(["cost", "--card", "nope"]) == 2
     assert "unknown card 'nope'" in capsys.readouterr().err
+
+
+# ---- the overhead goal: passes the traced step showed to be needless, removed exactly
+
+
+def backward_ops(build):
+    """The aten ops of forward and backward of `fn(*inputs)`, where `build()` (run on fake
+    tensors) makes the module and returns (fn, inputs)."""
+    fake_mode = new_fake_mode()
+    with fake_mode:
+        fn, inputs = build()
+    tracer = StepTracer("gpu")
+    with fake_device_tracing(fake_mode, tracer):
+        fn(*inputs).sum().backward()
+    return [r.cost.op for r in tracer.records]
+
+
+@pytest.mark.parametrize("d_s", [24, 17])  # without and with d_model nesting
+def test_nested_layer_norm_student_gradients_are_exact_without_a_slice(d_s):
+    from matta.layers import NestedLayerNorm
+
+    d = 24
+    ln = NestedLayerNorm(d_s, d, 1e-5)
+    with torch.no_grad():
+        ln.weight.normal_()
+        ln.bias.normal_()
+    x_s, x_ta = torch.randn(5, 3, d_s, dtype=torch.float64), torch.randn(5, 3, d, dtype=torch.float64)
+    ln = ln.double()
+    g_s, g_ta = torch.randn_like(x_s), torch.randn_like(x_ta)
+    y_s, y_ta = ln(x_s, x_ta)
+    ((y_s * g_s).sum() + (y_ta * g_ta).sum()).backward()
+    w, b = (p.detach().clone().requires_grad_() for p in (ln.weight, ln.bias))  # the slicing formulation
+    ref_s = F.layer_norm(x_s, (d_s,), w[:d_s], b[:d_s], 1e-5)
+    ref_ta = F.layer_norm(x_ta, (d,), w, b, 1e-5)
+    ((ref_s * g_s).sum() + (ref_ta * g_ta).sum()).backward()
+    assert torch.equal(y_s, ref_s) and torch.equal(ln.weight.grad, w.grad) and torch.equal(ln.bias.grad, b.grad)
+    ops = backward_ops(lambda: (NestedLayerNorm(d_s, d, 1e-5).forward_student, [torch.empty(4, d_s)]))
+    assert ("aten::slice_backward" in ops) == (d_s < d)
+
+
+@pytest.mark.parametrize("student", [(24, 16), (11, 16)])  # the whole weight (attention), a block (FFN)
+def test_student_stream_of_a_nested_linear_is_exact_without_a_slice(student):
+    from matta.layers import NestedLinear
+
+    (n_s, m_s), (n_ta, m_ta) = student, (24, 16)
+    layer = NestedLinear((m_s, m_ta), (n_s, n_ta)).double()
+    x = torch.randn(7, m_s, dtype=torch.float64)
+    g = torch.randn(7, n_s, dtype=torch.float64)
+    (layer.forward_student(x) * g).sum().backward()
+    w, b = (p.detach().clone().requires_grad_() for p in (layer.weight, layer.bias))
+    (F.linear(x, w[:n_s, :m_s], b[:n_s]) * g).sum().backward()
+    assert torch.equal(layer.weight.grad, w.grad) and torch.equal(layer.bias.grad, b.grad)
+    ops = backward_ops(lambda: (NestedLinear((m_s, m_ta), (n_s, n_ta)).forward_student, [torch.empty(7, m_s)]))
+    assert ("aten::slice_backward" in ops) == ((n_s, m_s) != (n_ta, m_ta))

@@ -108,10 +108,18 @@ CARDS = {
 
 
 def load_card(name_or_path: str) -> DeviceCard:
-    """A card by name (h100, h200, a100) or from a JSON file (e.g. one calibrate_cost.py wrote)."""
+    """A card by name (h100, h200, a100; auto: the CUDA GPU this process sees) or from a JSON
+    file (e.g. one benchmarks/calibrate_cost.py wrote)."""
     key = str(name_or_path).strip().lower()
     if key in CARDS:
         return CARDS[key]
+    if key == "auto":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ValueError("--card auto names the CUDA GPU this process sees, and there is none; "
+                             f"use one of {', '.join(CARDS)} or a card JSON file")
+        return card_for_cuda_device(torch.cuda.get_device_name())
     path = Path(name_or_path)
     if not path.is_file():
         raise ValueError(f"unknown card {name_or_path!r}: use one of {', '.join(CARDS)} or a card JSON file "

@@ -3,11 +3,12 @@
     matta cost --model gpt2-medium --ffn-ta 8192 --extra-layers 12 --block-size 1024 --batch-size 16
     matta cost ... --card h200 --gpus 8 --optimizer shampoo --e-c 0.6 --json out.json
     matta cost ... --card cpu-card.json        # a CPU card written by benchmarks/calibrate_cost.py
+    matta cost ... --card auto --json P.json   # on a GPU machine: the card of the GPU it runs on
 
 It takes `matta train`'s model, batch and optimizer flags (the rest are accepted and
 ignored) and prints the predicted time per phase, tokens/s, MFU, launches and host syncs per
-step, the overhead share and the ops that cost most. `print_prediction_for_this_gpu` is the
-entry `benchmarks/gpu_check.sh` calls to print the prediction beside its measurement.
+step, the overhead share and the ops that cost most. On a GPU machine, `--card auto` prices
+the GPU it runs on: `benchmarks/gpu_check.sh` prints that beside its measurement.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import json
 from pathlib import Path
 
 from ..train.config import ConfigError, make_config
-from .cards import card_for_cuda_device, load_card
+from .cards import load_card
 from .predict import format_prediction, predict, summary
 from .step import trace_training_step
 
@@ -26,8 +27,10 @@ GPT2_VOCAB = 50257
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The flags of `matta cost` besides `matta train`'s (which cli.py adds)."""
     g = p.add_argument_group("cost model")
-    g.add_argument("--card", default="h100", help="h100, h200, a100 or a card JSON file (default h100)")
-    g.add_argument("--gpus", type=int, default=1, help="DDP processes to price the all-reduce for (default 1)")
+    g.add_argument("--card", default="h100",
+                   help="h100, h200, a100, auto (the CUDA GPU here) or a card JSON file (default h100)")
+    g.add_argument("--gpus", type=int, nargs="+", default=[1],
+                   help="DDP processes to price the step for, one report each (default 1)")
     for name, what in (("e-c", "GEMM"), ("e-attn", "attention"), ("e-m", "memory-bandwidth"),
                        ("e-net", "NVLink")):
         g.add_argument(f"--{name}", type=float, default=None, help=f"{what} efficiency (default: the card's)")
@@ -52,35 +55,22 @@ def card_from_args(args):
 
 def run(args, train_values: dict) -> int:
     """`matta cost` with the parsed cost flags and the train flags as a config dict."""
-    try:
-        card = card_from_args(args)
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from None
-    if args.gpus < 1:
-        raise ConfigError(f"--gpus must be >= 1, got {args.gpus}")
-    vocab = train_values.pop("vocab_size", None) or GPT2_VOCAB
+    card = card_from_args(args)
+    if any(n < 1 for n in args.gpus):
+        raise ConfigError(f"--gpus must be >= 1, got {' '.join(map(str, args.gpus))}")
     cfg = make_config(train_values)
+    vocab = cfg.vocab_size or GPT2_VOCAB
     trace = trace_training_step(cfg, vocab, card, newton_iterations=args.newton_iterations, with_locations=args.where)
-    try:
-        pred = predict(trace, card, world=args.gpus, top=args.top)
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from None
-    print(format_prediction(pred, trace))
-    if "vocab_size" not in train_values and vocab == GPT2_VOCAB:
+    summaries = []
+    for world in args.gpus:
+        try:
+            pred = predict(trace, card, world=world, top=args.top)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        print(format_prediction(pred, trace) + "\n")
+        summaries.append(summary(pred))
+    if cfg.vocab_size is None:
         print(f"  (vocabulary {GPT2_VOCAB}, GPT-2's: pass --vocab-size to price another)")
     if args.json:
-        Path(args.json).write_text(json.dumps(summary(pred), indent=2) + "\n")
+        Path(args.json).write_text(json.dumps(summaries if len(summaries) > 1 else summaries[0], indent=2) + "\n")
     return 0
-
-
-def print_prediction_for_this_gpu(**train_values) -> dict:
-    """Prints the predicted step of `train_values` (make_config keys) on the CUDA device this
-    process sees, and returns `summary` of it; for gpu_check.sh, beside its measurement."""
-    import torch
-
-    card = card_for_cuda_device(torch.cuda.get_device_name())
-    vocab = train_values.pop("vocab_size", None) or GPT2_VOCAB
-    trace = trace_training_step(make_config(train_values), vocab, card)
-    pred = predict(trace, card)
-    print(format_prediction(pred, trace))
-    return summary(pred)
