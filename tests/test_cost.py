@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from matta import cli, runs
-from matta.costmodel import CARDS, DeviceCard, StepTracer, fake_device_tracing, load_card, new_fake_mode, trace_training_step
+from matta.costmodel import (CARDS, DeviceCard, StepTracer, card_for_cuda_device, fake_device_tracing, load_card,
+                             new_fake_mode, trace_training_step)
 from matta.costmodel.formulas import GEMM, OpCost
 from matta.costmodel.predict import ddp_buckets, predict, price, ring_all_reduce
 from matta.ops.nested_linear import _torch_backward, _torch_forward, nested_linear
@@ -108,6 +109,16 @@ def test_price_is_the_roofline_plus_launches():
     assert price(memory_bound, card).total == pytest.approx(500 / 25 + 0.5)
 
 
+def test_a_gemm_curve_slows_thin_products():
+    card = DeviceCard(name="t", kind="cpu", peak_flops={"fp32": 100.0}, bandwidth=1e9,
+                      gemm_curve=[(64, 0.25), (256, 0.5), (1024, 1.0)])
+    assert [card.gemm_share(d) for d in (0, 16, 64, 128, 256, 1024, 4096)] == pytest.approx(
+        [1.0, 0.25, 0.25, 0.375, 0.5, 1.0, 1.0])
+    thin = OpCost("g", GEMM, flops=100.0, read=0.0, written=0.0, launches=0, min_dim=128)
+    assert price(thin, card).total == pytest.approx(100 / (0.375 * 100))
+    assert only(trace(lambda a, b: a @ b, (300, 40), (40, 500)), "aten::mm").min_dim == 40
+
+
 def test_ring_all_reduce_and_ddp_buckets():
     card = CARDS["h100"]
     b = 100e6
@@ -177,6 +188,13 @@ def test_cards_and_overrides():
         CARDS["h100"].with_efficiencies(e_m=0)
     with pytest.raises(ValueError, match="unknown card 'h900'"):
         load_card("h900")
+    for name, key in (("NVIDIA H100 80GB HBM3", "h100"), ("NVIDIA H200", "h200"), ("NVIDIA A100-SXM4-80GB", "a100")):
+        assert card_for_cuda_device(name) is CARDS[key]
+    with pytest.raises(ValueError, match="no card for CUDA device 'Tesla T4'"):
+        card_for_cuda_device("Tesla T4")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="--card auto"):
+            load_card("auto")
 
 
 def test_card_file_round_trips(tmp_path):

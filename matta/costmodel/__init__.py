@@ -7,9 +7,9 @@ Every number it prints is a prediction of a model, not a measurement.
 """
 from .cards import CARDS, DeviceCard, card_for_cuda_device, load_card
 from .step import StepTrace, trace_training_step
-from .trace import HostRead, HostSyncError, StepTracer, fake_device_tracing, new_fake_mode
+from .trace import HostRead, StepTracer, fake_device_tracing, new_fake_mode
 
 __all__ = [
-    "CARDS", "DeviceCard", "HostRead", "HostSyncError", "StepTrace", "StepTracer", "card_for_cuda_device",
+    "CARDS", "DeviceCard", "HostRead", "StepTrace", "StepTracer", "card_for_cuda_device",
     "fake_device_tracing", "load_card", "new_fake_mode", "trace_training_step",
 ]

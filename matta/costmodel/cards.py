@@ -26,13 +26,15 @@ assumptions, stated here and overridable (`matta cost --e-c ...`):
   ring step;
 - sync = 20 us per host sync: the round trip, and the device idling while the host queues
   the next kernels (a low estimate: a step with many small kernels after a sync pays more).
-A CPU card comes from `benchmarks/calibrate_cost.py`, which measures its GEMM FLOP/s, copy
-bandwidth and per-op overhead here; its efficiencies are 1 (the peaks are measured rates).
+A CPU card comes from `benchmarks/calibrate_cost.py`, which measures its GEMM FLOP/s (and how
+they fall for thin products, `gemm_curve`), copy bandwidth, element-wise rate and per-op
+overhead here; its efficiencies are 1 (the peaks are measured rates).
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -55,6 +57,10 @@ class DeviceCard:
     link: float = 0.0  # one-way bytes/s per GPU over NVLink (0: no interconnect)
     net_latency: float = 0.0  # seconds per ring step of an all-reduce
     sync: float = 0.0  # seconds a host sync costs a step (the device queue drains, then refills)
+    # [(smallest GEMM dimension, share of the peak)], rising: small products run below the
+    # peak; between points interpolated in log(dimension), outside them the end values.
+    # Empty: every GEMM at the peak (the GPU cards: nothing measured there yet).
+    gemm_curve: list = field(default_factory=list)
     e_c: float = 1.0
     e_attn: float = 1.0
     e_m: float = 1.0
@@ -71,6 +77,19 @@ class DeviceCard:
             if bad:
                 raise ValueError(f"card setting {key} must be {'>= 0' if key in ('launch', 'sync') else '> 0'}, got {value!r}")
         return dataclasses.replace(self, **given)
+
+    def gemm_share(self, min_dim: int) -> float:
+        """The share of the peak a GEMM whose smallest dimension is `min_dim` reaches (`gemm_curve`)."""
+        curve = self.gemm_curve
+        if not curve or min_dim <= 0:
+            return 1.0
+        if min_dim <= curve[0][0]:
+            return curve[0][1]
+        for (d0, s0), (d1, s1) in zip(curve, curve[1:]):
+            if min_dim <= d1:
+                t = (math.log(min_dim) - math.log(d0)) / (math.log(d1) - math.log(d0))
+                return s0 + t * (s1 - s0)
+        return curve[-1][1]
 
     def matmul_peak(self, key: str) -> float:
         if key not in self.peak_flops:
@@ -127,7 +146,8 @@ def load_card(name_or_path: str) -> DeviceCard:
     try:
         values = json.loads(path.read_text())
         card = DeviceCard(**values)
-    except (json.JSONDecodeError, TypeError) as exc:
+        card = dataclasses.replace(card, gemm_curve=[(int(d), float(v)) for d, v in card.gemm_curve])
+    except (json.JSONDecodeError, TypeError, ValueError) as exc:
         raise ValueError(f"card file {path} is not a DeviceCard JSON ({exc})") from None
     if card.kind not in ("gpu", "cpu"):
         raise ValueError(f"card file {path}: kind must be 'gpu' or 'cpu', got {card.kind!r}")

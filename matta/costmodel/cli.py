@@ -43,9 +43,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def card_from_args(args):
-    card = load_card(args.card)
     try:
-        return card.with_efficiencies(
+        return load_card(args.card).with_efficiencies(
             e_c=args.e_c, e_attn=args.e_attn, e_m=args.e_m, e_net=args.e_net,
             launch=None if args.launch_us is None else args.launch_us * 1e-6,
             sync=None if args.sync_us is None else args.sync_us * 1e-6)

@@ -83,6 +83,7 @@ class OpCost:
     launches: int
     dtype: str = "fp32"  # the matrix-product dtype key (gemm / attention)
     shape: str = ""
+    min_dim: int = 0  # a GEMM's smallest dimension (0: not a GEMM), for the card's gemm_curve
 
     @property
     def bytes(self) -> float:
@@ -164,16 +165,19 @@ def _matmul_cost(name, bound, read, written):
         a = _value(bound, "mat1", _value(bound, "self"))
         b = _value(bound, "mat2")
         flops = 2.0 * a.shape[0] * a.shape[1] * b.shape[1]
+        dims = (a.shape[0], a.shape[1], b.shape[1])
     elif name in ("aten::bmm", "aten::baddbmm", "aten::baddbmm_", "aten::addbmm", "aten::addbmm_"):
         a = _value(bound, "batch1", _value(bound, "self"))
         b = _value(bound, "batch2", _value(bound, "mat2"))
         flops = 2.0 * a.shape[0] * a.shape[1] * a.shape[2] * b.shape[2]
+        dims = (a.shape[1], a.shape[2], b.shape[2])
     else:  # matrix-vector and dot products: two FLOPs per element of the largest operand
         a = b = max(tensors, key=lambda t: t.numel())
         flops = 2.0 * a.numel()
+        dims = (1,)
     dtype = _MATMUL_KEYS.get(a.dtype, "fp32")
     shape = f"{tuple(a.shape)}@{tuple(b.shape)}"
-    return OpCost(name, GEMM, flops, read, written, 1, dtype, shape)
+    return OpCost(name, GEMM, flops, read, written, 1, dtype, shape, min(dims))
 
 
 def _attention_cost(name, bound, read, written, card_kind):
@@ -206,7 +210,7 @@ def _nested_linear_cost(name, args, card_kind, sm_count):
         written = t * (n_ta + n_s) * x_ta.element_size()
         launches = 1 if card_kind == "gpu" else 2
         return OpCost(name, GEMM, flops, read, float(written), launches, _MATMUL_KEYS.get(weight.dtype, "fp32"),
-                      f"T={t} W={n_ta}x{m_ta} S={n_s}x{m_s}")
+                      f"T={t} W={n_ta}x{m_ta} S={n_s}x{m_s}", min(t, n_ta, m_ta))
     grad_s, grad_ta, x_s, x_ta, weight, s_weight, n_s, m_s, one_input, needs = args
     need_x_s, need_x_ta, need_w, need_b, need_ws, need_bs = needs
     t, (n_ta, m_ta) = grad_ta.shape[0], weight.shape
@@ -242,7 +246,7 @@ def _nested_linear_cost(name, args, card_kind, sm_count):
     if need_bs and size != 4:
         launches += 1
     return OpCost(name, GEMM, flops, read, written, int(launches), _MATMUL_KEYS.get(weight.dtype, "fp32"),
-                  f"T={t} W={n_ta}x{m_ta} S={n_s}x{m_s}")
+                  f"T={t} W={n_ta}x{m_ta} S={n_s}x{m_s}", min(t, n_ta, m_ta))
 
 
 def op_cost(func, args, kwargs, out, card_kind: str, sm_count: int = 132) -> OpCost | None:

@@ -68,7 +68,8 @@ def _addmm_acc_cost(args, kwargs, card_kind):
     acc, a, b, beta = args
     read = tensor_bytes(a) + tensor_bytes(b) + (tensor_bytes(acc) if beta else 0.0)
     return OpCost("matta_cost::addmm_acc", GEMM, 2.0 * a.shape[0] * a.shape[1] * b.shape[1], read, tensor_bytes(acc),
-                  1, _MATMUL_KEYS.get(a.dtype, "fp32"), f"{tuple(a.shape)}@{tuple(b.shape)}->fp32")
+                  1, _MATMUL_KEYS.get(a.dtype, "fp32"), f"{tuple(a.shape)}@{tuple(b.shape)}->fp32",
+                  min(a.shape[0], a.shape[1], b.shape[1]))
 
 
 CUSTOM_COSTS["matta_cost::loss_rows"] = _loss_rows_cost

@@ -1,7 +1,8 @@
 """Pricing a traced step on a device card, and the report `matta cost` prints.
 
 Per op: `time = max(FLOPs / (e * peak), bytes / (e_m * bandwidth)) + launches * launch`
-(matta/costmodel/cards.py). Per step: the sum over the traced ops, plus a price per host sync
+(matta/costmodel/cards.py; a card with a `gemm_curve` scales a GEMM's peak by its share for
+the GEMM's smallest dimension). Per step: the sum over the traced ops, plus a price per host sync
 (`card.sync`), plus under DDP the all-reduce that the backward does not hide. Phases:
 forward (the streams), loss (the fused LM head + MatTA loss), backward, optimizer (clipping,
 the optimizer step, zero_grad, and Shampoo's root step amortised over its frequency),
@@ -37,7 +38,7 @@ class OpTime:
 
 def price(cost: OpCost, card: DeviceCard) -> OpTime:
     if cost.kind == GEMM:
-        compute = cost.flops / (card.e_c * card.matmul_peak(cost.dtype))
+        compute = cost.flops / (card.e_c * card.gemm_share(cost.min_dim) * card.matmul_peak(cost.dtype))
     elif cost.kind == ATTENTION:
         compute = cost.flops / (card.e_attn * card.matmul_peak(cost.dtype))
     else:
@@ -85,6 +86,7 @@ class Prediction:
     frequency: int = 1
     comm_total: float = 0.0  # all-reduce time, hidden or not
     top: list = field(default_factory=list)  # (seconds, launches, phase, op, shape, count, where)
+    overhead_top: list = field(default_factory=list)  # (overhead seconds, phase, op, count): what is not FLOP time
     tokens: int = 0
     flops_per_token: float = 0.0
     by_kind: dict = field(default_factory=dict)  # "gemm"/"attention"/"memory" -> seconds
@@ -110,18 +112,22 @@ class Prediction:
 def _phase_sums(records, card):
     phases, useful, launches, kinds = defaultdict(float), 0.0, 0, defaultdict(float)
     groups = defaultdict(lambda: [0.0, 0, 0])
+    overheads = defaultdict(lambda: [0.0, 0])
     for rec in records:
         t = price(rec.cost, card)
         phases[rec.phase] += t.total
         kinds[rec.cost.kind] += t.total
         launches += rec.cost.launches
-        if rec.cost.kind in (GEMM, ATTENTION) and rec.phase in USEFUL_PHASES:
-            useful += t.compute
+        flop_time = t.compute if rec.cost.kind in (GEMM, ATTENTION) and rec.phase in USEFUL_PHASES else 0.0
+        useful += flop_time
         g = groups[(rec.phase, rec.cost.op, rec.cost.shape, rec.where)]
         g[0] += t.total
         g[1] += rec.cost.launches
         g[2] += 1
-    return phases, useful, launches, kinds, groups
+        o = overheads[(rec.phase, rec.cost.op)]
+        o[0] += t.total - flop_time
+        o[1] += 1
+    return phases, useful, launches, kinds, groups, overheads
 
 
 def predict(trace: StepTrace, card: DeviceCard | None = None, world: int = 1, top: int = 12) -> Prediction:
@@ -129,14 +135,14 @@ def predict(trace: StepTrace, card: DeviceCard | None = None, world: int = 1, to
     card = card or trace.card
     if isinstance(world, bool) or not isinstance(world, int) or world < 1:
         raise ValueError(f"world size must be an int >= 1, got {world!r}")
-    phases, useful, launches, kinds, groups = _phase_sums(trace.records, card)
+    phases, useful, launches, kinds, groups, overheads = _phase_sums(trace.records, card)
     syncs = trace.syncs
     phases = {p: phases.get(p, 0.0) for p in PHASES}
     phases["optimizer"] += syncs * card.sync
     pred = Prediction(card, world, phases, useful, launches, syncs, tokens=trace.tokens,
                       flops_per_token=trace.model_flops_per_token, by_kind=dict(kinds))
     if trace.root_records:  # Shampoo: what a root step adds over a steady one, every `frequency` steps
-        root_phases, _, root_launches, _, _ = _phase_sums(trace.root_records, card)
+        root_phases, _, root_launches, _, _, _ = _phase_sums(trace.root_records, card)
         steady_optimizer = sum(price(r.cost, card).total for r in trace.records if r.phase == "optimizer")
         extra = root_phases["optimizer"] + trace.root_syncs * card.sync - steady_optimizer - syncs * card.sync
         if world > 1:  # each rank roots its share, then every root is broadcast
@@ -157,6 +163,8 @@ def predict(trace: StepTrace, card: DeviceCard | None = None, world: int = 1, to
         pred.phases["communication"] = max(times[-1] if times else 0.0, pred.comm_total - phases["backward"])
     ranked = sorted(groups.items(), key=lambda kv: -kv[1][0])[:top]
     pred.top = [(t, n, phase, op, shape, count, where) for (phase, op, shape, where), (t, n, count) in ranked]
+    ranked = sorted(overheads.items(), key=lambda kv: -kv[1][0])[:top]
+    pred.overhead_top = [(t, phase, op, count) for (phase, op), (t, count) in ranked]
     return pred
 
 
@@ -206,6 +214,10 @@ def format_prediction(pred: Prediction, trace: StepTrace) -> str:
     ]
     for t, n, phase, op, shape, count, where in pred.top:
         lines.append(f"    {t * 1e3:9.3f} {n:8d}  {phase:<9} {op} [{shape}] x {count}" + (f"  {where}" if where else ""))
+    lines += ["", "  what the overhead is made of (predicted; a root step's extra and communication not included):",
+              f"    {'ms':>9} {'share':>6}  {'phase':<9} op x count"]
+    for t, phase, op, count in pred.overhead_top:
+        lines.append(f"    {t * 1e3:9.3f} {100 * t / total:5.1f}%  {phase:<9} {op} x {count}")
     return "\n".join(lines)
 
 

@@ -18,7 +18,6 @@ host waits until the device has caught up. The tracer records each with the Pyth
 made it and answers it with a stand-in so the trace can go on: True for a bool, 0 for a number
 (a finite-check passes, an error estimate is 0), an empty result for a data-dependent shape.
 Consecutive reads with no device work between them count as one sync (one copy, then reads).
-`HostSyncError` is raised instead when the tracer is built with `fail_on_sync=True`.
 """
 from __future__ import annotations
 
@@ -58,10 +57,6 @@ _INDEX_OPS = frozenset({aten.index.Tensor, aten.index_put.default, aten.index_pu
 def _masked_index(func, args) -> bool:
     return func in _INDEX_OPS and any(isinstance(i, torch.Tensor) and i.dtype == torch.bool
                                       for i in (args[1] if len(args) > 1 else ()) if i is not None)
-
-
-class HostSyncError(RuntimeError):
-    """A device value was read on the host inside a traced step."""
 
 
 @dataclass
@@ -110,15 +105,12 @@ class StepTracer(TorchDispatchMode):
     Args:
         card_kind: "gpu" or "cpu": how launches are counted (matta/costmodel/formulas.py).
         sm_count: the GPU's SMs, for the nested-linear split-K choice.
-        fail_on_sync: raise HostSyncError at the first host read instead of answering it.
         with_locations: keep the Python line of every op (slower; for the top-ops table).
     """
 
-    def __init__(self, card_kind: str = "gpu", sm_count: int = 132, fail_on_sync: bool = False,
-                 with_locations: bool = False):
+    def __init__(self, card_kind: str = "gpu", sm_count: int = 132, with_locations: bool = False):
         super().__init__()
-        self.card_kind, self.sm_count = card_kind, sm_count
-        self.fail_on_sync, self.with_locations = fail_on_sync, with_locations
+        self.card_kind, self.sm_count, self.with_locations = card_kind, sm_count, with_locations
         self.phase = "setup"
         self.records: list[Record] = []
         self.host_reads: list[HostRead] = []
@@ -145,9 +137,6 @@ class StepTracer(TorchDispatchMode):
         read = HostRead(str(func), tuple(tensor.shape), where, self.phase, starts_sync=not self._last_was_read)
         self.host_reads.append(read)
         self._last_was_read = True
-        if self.fail_on_sync:
-            raise HostSyncError(f"host sync in a traced step: {read.op} of a {tensor.dtype} tensor "
-                                f"{list(read.shape)} at {where}")
         if func is aten._local_scalar_dense.default:
             return True if tensor.dtype == torch.bool else (0 if not tensor.is_floating_point() else 0.0)
         if func in (aten.equal.default, aten.is_nonzero.default):
@@ -190,9 +179,4 @@ def fake_device_tracing(fake_mode: FakeTensorMode, tracer: StepTracer):
 def new_fake_mode() -> FakeTensorMode:
     """A FakeTensorMode that accepts real (host) tensors beside fake ones."""
     return FakeTensorMode(allow_non_fake_inputs=True)
-
-
-def fake_copy(fake_mode: FakeTensorMode, tensor: torch.Tensor) -> torch.Tensor:
-    """A fake tensor with `tensor`'s shape, dtype and strides (no data)."""
-    return fake_mode.from_tensor(tensor)
 
