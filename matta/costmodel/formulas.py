@@ -3,11 +3,12 @@
 `op_cost(func, args, kwargs, out, card_kind)` returns an `OpCost`, or None for an op that
 costs nothing on a device (views, allocations, metadata). Bytes are the compulsory traffic:
 every tensor an op reads, once, and every tensor it writes, once (a view counts its own
-elements; a broadcast dimension counts once). FLOPs count multiply-adds as two.
+elements; a broadcast dimension counts once). FLOPs count multiply-adds as two, and one per
+element of the largest tensor for element-wise ops and reductions.
 
 Op kinds (what the overhead split of `matta cost` groups by):
     gemm       matrix products (aten mm/addmm/bmm/..., matta::nested_linear[_backward], the
-               fused loss's fp32-accumulating GEMM)
+               fused loss's fp32-accumulating GEMM) and the symmetric eigensolver
     attention  SDPA kernels (FlashAttention-style: causal halves the products)
     memory     everything else: element-wise passes, reductions, copies, casts, fills,
                norms, the optimizer's arithmetic
@@ -272,10 +273,12 @@ def op_cost(func, args, kwargs, out, card_kind: str, sm_count: int = 132) -> OpC
         elements = sum(t.numel() for t in _tensors(args))
     elif card_kind == "gpu":
         launches = _GPU_LAUNCHES.get(name, 1)
-    if name == "aten::_linalg_eigh":  # symmetric eigensolver with vectors: ~9 n^3 (Golub & Van Loan)
+    if name == "aten::_linalg_eigh":
+        # Symmetric eigensolver with vectors, ~9 n^3 FLOPs (Golub & Van Loan), priced as matrix
+        # work; LAPACK's and cuSOLVER's reductions run below the GEMM rate, so this underestimates.
         a = _tensors(args)[0]
-        return OpCost(name, MEMORY, 9.0 * a.numel() * a.shape[-1], read, written, launches,
-                      _MATMUL_KEYS.get(a.dtype, "fp32"), str(tuple(a.shape)))
+        return OpCost(name, GEMM, 9.0 * a.numel() * a.shape[-1], read, written, launches,
+                      _MATMUL_KEYS.get(a.dtype, "fp32"), str(tuple(a.shape)), a.shape[-1])
     shape = str(tuple(_tensors(args)[0].shape)) if _tensors(args) else ""
     return OpCost(name, MEMORY, float(elements), read, written, launches, shape=shape)
 
