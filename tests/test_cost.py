@@ -270,3 +270,18 @@ def test_student_stream_of_a_nested_linear_is_exact_without_a_slice(student):
     assert torch.equal(layer.weight.grad, w.grad) and torch.equal(layer.bias.grad, b.grad)
     ops = backward_ops(lambda: (NestedLinear((m_s, m_ta), (n_s, n_ta)).forward_student, [torch.empty(7, m_s)]))
     assert ("aten::slice_backward" in ops) == ((n_s, m_s) != (n_ta, m_ta))
+
+
+# Launches of the tiny model's traced GPU step (forward, backward) per mode: counts, exact on
+# any machine. A change that adds a pass fails here; one that removes passes lowers the budget.
+LAUNCH_BUDGET = {"matta": (82, 176), "student": (45, 110), "ta": (65, 129)}
+
+
+@pytest.mark.parametrize("mode", list(LAUNCH_BUDGET))
+def test_launch_budget_of_a_step(mode):
+    tr = trace_training_step(make_config(dict(TINY, mode=mode)), 97, CARDS["h100"])
+    launches = {phase: sum(r.cost.launches for r in tr.records if r.phase == phase) for phase in ("forward", "backward")}
+    forward, backward = LAUNCH_BUDGET[mode]
+    assert launches["forward"] <= forward and launches["backward"] <= backward, (
+        f"{mode}: {launches} launches against a budget of forward {forward}, backward {backward}; a change that "
+        "adds kernels must say why here (matta cost --where shows which ops)")

@@ -148,7 +148,6 @@ def trace_training_step(cfg: TrainConfig, vocab_size: int, card: DeviceCard, *, 
         finally:
             for hook in hooks:
                 hook.remove()
-        keep = [r for r in step_records if r.phase != "optimizer"]
 
         def traced_optimizer_step():
             fake_gradients()
@@ -165,7 +164,7 @@ def trace_training_step(cfg: TrainConfig, vocab_size: int, card: DeviceCard, *, 
         steady_records, steady_reads = traced_optimizer_step()
     return StepTrace(
         cfg=cfg, card=card, vocab_size=vocab_size, amp_dtype="bf16" if amp is not None else "fp32",
-        records=keep + steady_records, host_reads=step_reads + steady_reads,
+        records=step_records + steady_records, host_reads=step_reads + steady_reads,
         root_records=root_records, root_host_reads=root_reads, root_matrices=root_matrices,
         grad_elements=[(p.numel(), p.element_size()) for p in params],
         model_flops_per_token=model.flops_per_token(cfg.block_size, criterion.streams),
