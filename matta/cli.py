@@ -5,6 +5,7 @@
     matta eval    --run RUN_DIR [--models student,ta,family] [--tasks val,lambada:PATH,choice:PATH]
     matta lm-eval --model matta --model_args run=RUN_DIR,stream=student --tasks ...   (lm-evaluation-harness)
     matta bench   [nested_linear loss shampoo models]
+    matta cost    [matta train's model and batch flags] [--card h100|h200|a100|FILE] [--gpus N]   (predicted)
     matta study   --preset tiny|small|gpt2-medium --seeds N [--steps S | --tokens T] --out DIR [--arms ...] [--quick]
 
 A usage problem (bad flag value, missing file, unknown model, memory, checkpoint) prints one
@@ -273,6 +274,17 @@ def cmd_bench(args) -> int:
 
 
 # ----------------------------------------------------------------------------------------
+# cost: a traced cost model of one training step (matta/costmodel)
+
+
+def cmd_cost(args) -> int:
+    from .costmodel.cli import run
+
+    values, _ = _train_values(args)  # with --resume: the configuration a run in --out recorded
+    return run(args, values)
+
+
+# ----------------------------------------------------------------------------------------
 # study
 
 
@@ -322,7 +334,8 @@ def _add_study_flags(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="matta", description="Matryoshka Teaching-Assistant (MatTA) training.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
-    sub = parser.add_subparsers(dest="command", metavar="{train,extract,eval,lm-eval,bench,study}", parser_class=_Parser)
+    sub = parser.add_subparsers(dest="command", metavar="{train,extract,eval,lm-eval,bench,cost,study}",
+                                parser_class=_Parser)
     sub.required = True
 
     p = sub.add_parser("train", help="train a Student nested in a TA (defaults: a tiny GPT-2 on the builtin corpus)")
@@ -353,6 +366,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("names", nargs="*", help=f"which (default: {' '.join(KERNEL_BENCHMARKS)}; also models)")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
 
+    p = sub.add_parser("cost", help="predict one training step on a GPU card without one (a traced cost model)")
+    _add_train_flags(p)
+    from .costmodel.cli import add_arguments
+
+    add_arguments(p)
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+
     p = sub.add_parser("study", help="the paper's claims as one resumable set of runs, with RESULTS.md and a plot")
     _add_study_flags(p)
     return parser
@@ -362,7 +382,7 @@ def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     parser = build_parser()
-    command = next((a for a in argv if a in ("train", "extract", "eval", "lm-eval", "bench", "study")), None)
+    command = next((a for a in argv if a in ("train", "extract", "eval", "lm-eval", "bench", "cost", "study")), None)
     prog = f"matta {command}" if command else "matta"
     try:
         if command == "lm-eval":  # everything after it belongs to the harness's own parser
@@ -372,7 +392,8 @@ def main(argv=None) -> int:
         args = parser.parse_args(argv)
         args.argv = argv[argv.index(command) + 1 :] if command else []
         check_environment()
-        commands = {"train": cmd_train, "extract": cmd_extract, "eval": cmd_eval, "bench": cmd_bench, "study": cmd_study}
+        commands = {"train": cmd_train, "extract": cmd_extract, "eval": cmd_eval, "bench": cmd_bench, "cost": cmd_cost,
+                    "study": cmd_study}
         return commands[args.command](args)
     except (CLIError, *USAGE_ERRORS, FloatingPointError, BaselineError) as exc:
         if debug:

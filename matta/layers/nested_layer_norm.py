@@ -16,9 +16,15 @@ class NestedLayerNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(d_ta))
         self.bias = nn.Parameter(torch.zeros(d_ta))
 
+    def student_parameters(self):
+        """(scale, shift) of the Student: the first d_S entries; the whole vectors when d_S = d_TA
+        (no slice: a slice's backward is a zero fill and a copy per vector, for the same sums)."""
+        if self.d_s == self.weight.shape[0]:
+            return self.weight, self.bias
+        return self.weight[: self.d_s], self.bias[: self.d_s]
+
     def forward_student(self, x_s):
-        d_s = self.d_s
-        return F.layer_norm(x_s, (d_s,), self.weight[:d_s], self.bias[:d_s], self.eps)
+        return F.layer_norm(x_s, (self.d_s,), *self.student_parameters(), self.eps)
 
     def forward_ta(self, x_ta):
         return F.layer_norm(x_ta, (x_ta.shape[-1],), self.weight, self.bias, self.eps)

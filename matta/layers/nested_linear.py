@@ -102,10 +102,14 @@ class NestedLinear(nn.Module):
         )
 
     def student_parameters(self):
-        """(weight, bias) of the Student: views of the TA's leading block, or its own when unshared."""
+        """(weight, bias) of the Student: views of the TA's leading block, or its own when unshared.
+        Where the block is the whole weight (Student and TA of one shape), the weight itself: a
+        slice's backward would add a zero fill and a copy of the whole gradient."""
         if not self.share_weights:
             return self.student_weight, self.student_bias
         n_s, m_s = self.student_features
+        if (n_s, m_s) == tuple(self.weight.shape):
+            return self.weight, self.bias
         return self.weight[:n_s, :m_s], None if self.bias is None else self.bias[:n_s]
 
     def forward_student(self, x_s):
