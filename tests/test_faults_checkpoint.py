@@ -153,6 +153,10 @@ def test_resume_refuses_another_optimizer_before_training(tmp_path, word_corpus,
     err = one_line_error(capsys, ["train", "--out", str(run), "--resume", "--n-embd", "32"])
     assert "--n-embd 32" in err and "started with --n-embd 16" in err
     assert "matta: resumed" not in capsys.readouterr().out
+    # the same data file named another way is the same data
+    other_name = f"{word_corpus.parent}/./{word_corpus.name}"
+    assert main(["train", "--out", str(run), "--resume", "--max-steps", "3", "--data", other_name]) == 0
+    assert "resumed from" in capsys.readouterr().out
 
 
 def _raise_full_disk(real_save, at):

@@ -332,8 +332,14 @@ def check_threads(threads: int, source: str = "--threads") -> None:
 def check_resume(run_dir, saved: dict, requested: dict) -> None:
     """Refuses settings a resumed run cannot change (RESUME_FIXED): `saved` are the values in
     the run's config.json, `requested` the ones given now (flags and TOML)."""
+    def same(name, a, b):
+        if a == b:
+            return True
+        # one data file named two ways (relative and absolute, ~)
+        return name == "data" and Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
+
     for name in RESUME_FIXED:
-        if name in requested and name in saved and requested[name] != saved[name]:
+        if name in requested and name in saved and not same(name, requested[name], saved[name]):
             raise ConfigError(
                 f"{flag(name)} {requested[name]}: the run in {run_dir} was started with {flag(name)} {saved[name]}, "
                 f"which its checkpoints hold; drop {flag(name)} to resume it, or start a new run in another --out"
