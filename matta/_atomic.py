@@ -1,7 +1,9 @@
 """Atomic file writes: a reader (or a resumed run) sees the old file or the new one, never half.
 
 The content goes to a temporary sibling, is flushed to disk, and is renamed over the target;
-then the folder entry is flushed too, so the rename survives a power cut.
+then the folder entry is flushed too, so the rename survives a power cut. A write that fails
+(a full disk, a read-only folder) removes the temporary file and raises OSError naming the
+file it was writing (a failed `write()` or `fsync()` alone would not say which).
 """
 from __future__ import annotations
 
@@ -28,9 +30,14 @@ def fsync_dir(path) -> None:
 def write_synced(path, write: Callable[[Path], None]) -> None:
     """`write(path)`, then flush the file to disk (no rename: for files inside a temporary folder)."""
     path = Path(path)
-    write(path)
-    with open(path, "rb+") as f:
-        os.fsync(f.fileno())
+    try:
+        write(path)
+        with open(path, "rb+") as f:
+            os.fsync(f.fileno())
+    except OSError as exc:
+        if exc.filename is None and exc.errno is not None:
+            raise OSError(exc.errno, exc.strerror, str(path)) from None
+        raise
 
 
 def write_atomic(path, write: Callable[[Path], None]) -> None:
@@ -41,6 +48,10 @@ def write_atomic(path, write: Callable[[Path], None]) -> None:
     try:
         write_synced(tmp, write)
         os.replace(tmp, path)
+    except OSError as exc:
+        if exc.filename == str(tmp) and exc.errno is not None:  # name the file the caller asked for
+            raise OSError(exc.errno, exc.strerror, str(path)) from None
+        raise
     finally:
         tmp.unlink(missing_ok=True)
     fsync_dir(path.parent)

@@ -29,8 +29,10 @@ from .evaluation import TaskError
 from .ops.backend import BackendError, check_environment
 from .study import StudyError
 from .train.baseline import BaselineError
-from .train.checkpoint import CheckpointError
-from .train.config import BOOL_FIELDS, FIELDS, ConfigError, coerce, load_toml, make_config
+from .train.checkpoint import CheckpointError, checkpoint_folders, remove_dead_writes
+from .train.config import (BOOL_FIELDS, FIELDS, ConfigError, check_folder, check_resume, check_threads, coerce,
+                           load_toml, make_config)
+from .train.context import default_threads
 
 USAGE_ERRORS = (ConfigError, DataError, CheckpointError, TaskError, StudyError, BackendError)
 
@@ -70,8 +72,9 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
 
 def _train_values(args) -> tuple[dict, bool]:
     flags = {name: coerce(name, getattr(args, name)) for name in FIELDS if hasattr(args, name)}
-    from_file = load_toml(args.config) if args.config else {}
-    out = Path(flags.get("out", from_file.get("out", FIELDS["out"].default)))
+    from_file = load_toml(args.config) if args.config is not None else {}
+    requested = {**from_file, **flags}
+    out = Path(requested.get("out", FIELDS["out"].default))
     values = {}
     if args.resume:
         saved = out / "config.json"
@@ -79,10 +82,10 @@ def _train_values(args) -> tuple[dict, bool]:
             raise CheckpointError(f"--resume: {out} holds no run (no config.json); drop --resume to start a new run")
         try:
             values = {k: coerce(k, v) for k, v in json.loads(saved.read_text()).items() if k in FIELDS}
-        except json.JSONDecodeError:
-            raise CheckpointError(f"--resume: {saved} is not valid JSON; start a new run with --overwrite") from None
-    values.update(from_file)
-    values.update(flags)
+        except (json.JSONDecodeError, AttributeError, ConfigError) as exc:
+            raise CheckpointError(f"--resume: {saved} is unreadable ({exc}); start a new run with --overwrite") from None
+        check_resume(out, values, requested)
+    values.update(requested)
     return values, args.resume
 
 
@@ -92,17 +95,20 @@ def cmd_train(args) -> int:
 
     values, resume = _train_values(args)
     cfg = make_config(values)
-    run_dir = Path(cfg.out)
+    check_threads(cfg.threads or default_threads(), "--threads" if cfg.threads else "$OMP_NUM_THREADS")
+    run_dir = args.run_dir = Path(cfg.out)  # main() names what a failed write kept
     master = int(os.environ.get("RANK", "0")) == 0
     with RunDirLock(run_dir) if master else contextlib.nullcontext():  # before anything in the folder is touched
-        existing = run_dir / "checkpoints"
-        if not resume and master and existing.is_dir() and any(existing.iterdir()):
-            if not args.overwrite:
-                raise CLIError(
-                    f"{run_dir} already holds a run; pass --resume to continue it, --overwrite to replace it, "
-                    "or choose another --out"
-                )
-            shutil.rmtree(existing)
+        if master:
+            remove_dead_writes(run_dir)
+            held = checkpoint_folders(run_dir)
+            if held and not resume:
+                if not args.overwrite:
+                    raise CLIError(
+                        f"{run_dir} holds a run with a checkpoint at step {held[0][0]}; pass --resume to continue "
+                        "it, --overwrite to replace it, or choose another --out"
+                    )
+                shutil.rmtree(run_dir / "checkpoints")
         train(cfg, resume=resume)
     return 0
 
@@ -156,9 +162,10 @@ def _models_for(model, specs):
 def cmd_extract(args) -> int:
     from .train.run_dir import load_run
 
+    check_folder("--out", args.out)
+    out = Path(args.out)
     cfg, model, tokenizer = load_run(args.run)
     specs = _parse_specs(args.spec, model.depth)
-    out = Path(args.out)
     for name, spec, sub in _models_for(model, specs):
         folder = out / spec.replace(":", "_k")
         folder.mkdir(parents=True, exist_ok=True)
@@ -378,9 +385,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _io_failure(exc: OSError, run_dir: Path | None) -> str:
+    """One line for a failed read or write: the file, the system's reason, and (for a
+    training run) the newest checkpoint it still holds."""
+    where = exc.filename if exc.filename is not None else "a file"
+    line = f"cannot use {where}: {exc.strerror or exc}"
+    if run_dir is None:
+        return line
+    try:
+        held = checkpoint_folders(run_dir)
+    except OSError:
+        held = []
+    if held:
+        return f"{line}; {run_dir} keeps its checkpoint at step {held[0][0]}: fix that and continue with --resume"
+    return f"{line}; {run_dir} holds no checkpoint of this run yet: fix that and run the command again"
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
+    args = None
     parser = build_parser()
     command = next((a for a in argv if a in ("train", "extract", "eval", "lm-eval", "bench", "cost", "study")), None)
     prog = f"matta {command}" if command else "matta"
@@ -399,6 +423,11 @@ def main(argv=None) -> int:
         if debug:
             raise
         print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a full disk, a read-only folder, a permission: where, and what is left
+        if debug:
+            raise
+        print(f"{prog}: error: {_io_failure(exc, getattr(args, 'run_dir', None))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         if debug:

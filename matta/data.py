@@ -41,6 +41,9 @@ STDLIB = "stdlib"
 STDLIB_SKIPPED_FOLDERS = frozenset({"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"})
 EOT = "<|endoftext|>"
 TOKENIZER_CHOICES = ("auto", "bpe", "bytes", "gpt2")
+# Larger than the vocabulary of any tokenizer in use (Gemma's has 262,144 ids); an inferred
+# vocabulary beyond it means the ids were read with the wrong --bin-dtype.
+MAX_INFERRED_VOCAB = 1 << 20
 TEXT_SUFFIXES = {".txt", ".md", ".rst", ".text", ".py", ".json", ".jsonl", ".csv", ".html", ".tex", ""}
 
 
@@ -436,17 +439,38 @@ def _load_bin(path: Path, dtype: str, block_size: int, val_fraction: float, voca
         return np.memmap(p, dtype=np_dtype, mode="r")
 
     if path.is_dir():
+        for name, other in (("train.bin", "val.bin"), ("val.bin", "train.bin")):
+            if not (path / name).is_file():
+                raise DataError(f"folder {path} has {other} but no {name}; add {name} (token ids of the same dtype)"
+                                + (f", or pass --data {path / other} to hold out --val-fraction of it"
+                                   if name == "val.bin" else ""))
         train, val = mm(path / "train.bin"), mm(path / "val.bin")
         _check_length(train, block_size, str(path / "train.bin"))
         _check_length(val, block_size, str(path / "val.bin"))
     else:
         train, val = _split(mm(path), val_fraction, block_size, str(path))
+    for part in (train, val):
+        _check_dtype(part, dtype, path)
     top = int(max(train.max(), val.max())) + 1
     if vocab_size is None:
+        if top > MAX_INFERRED_VOCAB:
+            raise DataError(
+                f"{path} read as {dtype} holds token id {top - 1:,}, which would make a vocabulary of {top:,}: "
+                + ("uint16 data read as uint32 looks like this; pass --bin-dtype uint16, or " if dtype == "uint32"
+                   else "") + "pass --vocab-size if the ids are right"
+            )
         vocab_size = top
     elif vocab_size < top:
         raise DataError(f"{path} holds token id {top - 1} but --vocab-size is {vocab_size}; raise --vocab-size")
     return train, val, vocab_size
+
+
+def _check_dtype(tokens: np.ndarray, dtype: str, path: Path) -> None:
+    """uint32 ids (below 65536) read as uint16 are every id followed by a 0: refuse that."""
+    head = np.asarray(tokens[: 1 << 16])
+    if dtype == "uint16" and len(head) >= 64 and not head[1::2].any() and head[0::2].any():
+        raise DataError(f"{path} read as uint16 has a 0 at every second position, as uint32 data read as uint16 "
+                        "does; pass --bin-dtype uint32")
 
 
 def _hf_documents(name: str, split: str):
@@ -536,12 +560,16 @@ def load_data(
     path = Path(spec).expanduser()
     if not path.exists():
         raise DataError(f"data path {spec} does not exist; pass an existing text file, folder or .bin, or --data builtin")
-    is_bin = path.suffix == ".bin" or (path.is_dir() and (path / "train.bin").is_file())
+    is_bin = path.suffix == ".bin" or (path.is_dir() and any((path / n).is_file() for n in ("train.bin", "val.bin")))
     if is_bin:
-        train, val, vocab = _load_bin(path, bin_dtype, block_size, val_fraction, vocab_size)
-        tok = TiktokenGPT2() if tokenizer == "gpt2" else None
         if tokenizer in ("bpe", "bytes"):
             raise DataError(f".bin data is already tokenised; use --tokenizer auto or gpt2, not {tokenizer}")
+        tok = TiktokenGPT2() if tokenizer == "gpt2" else None
+        if tok is not None and vocab_size is not None and vocab_size < tok.vocab_size:
+            raise DataError(f"--vocab-size {vocab_size} is smaller than the GPT-2 tokenizer's {tok.vocab_size} ids; "
+                            "drop --vocab-size")
+        train, val, vocab = _load_bin(path, bin_dtype, block_size, val_fraction,
+                                      vocab_size or (tok.vocab_size if tok is not None else None))
         desc = f"{path} ({len(train) + len(val):,} tokens, {bin_dtype}, vocab {vocab})"
         return Data(TokenBatches(train, block_size, seed), val, tok, vocab, desc, len(train))
 

@@ -121,3 +121,17 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+CORPUS_WORDS = ["the", "cat", "sat", "on", "a", "mat", "and", "dog", "ran", "far", "away", "home"]
+
+
+@pytest.fixture(scope="module")
+def word_corpus(tmp_path_factory):
+    """A text file of 3000 words drawn from 12: the data of tiny training runs through the CLI."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    path = tmp_path_factory.mktemp("data") / "corpus.txt"
+    path.write_text(" ".join(CORPUS_WORDS[i] for i in rng.integers(0, len(CORPUS_WORDS), 3000)))
+    return path

@@ -276,7 +276,9 @@ def test_student_stream_of_a_nested_linear_is_exact_without_a_slice(student):
 # any machine. A change that adds a pass fails here; one that removes passes lowers the budget.
 # One stream (student, ta): one backward launch scales by the loss's poison factor (1, or NaN
 # after a failed input check), so that a bad target cannot give a finite gradient.
-LAUNCH_BUDGET = {"matta": (82, 176), "student": (45, 111), "ta": (65, 130)}
+# Every mode: 6 forward launches and 1 backward check the token ids on the GPU (ids outside
+# the vocabulary get NaN rows and a deferred report instead of a device assert).
+LAUNCH_BUDGET = {"matta": (88, 177), "student": (51, 112), "ta": (71, 131)}
 
 
 @pytest.mark.parametrize("mode", list(LAUNCH_BUDGET))

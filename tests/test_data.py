@@ -152,6 +152,29 @@ def test_bin_folder_and_bad_sizes(tmp_path):
         load_data(str(empty), block_size=4)
 
 
+def test_bin_data_read_the_wrong_way_is_refused(tmp_path):
+    ids = np.random.default_rng(2).integers(1, 300, 4000)
+    ids.astype(np.uint16).tofile(tmp_path / "u16.bin")
+    ids.astype(np.uint32).tofile(tmp_path / "u32.bin")
+    for dtype in ("uint16", "uint32"):  # each the right way round
+        data = load_data(str(tmp_path / f"u{dtype[4:]}.bin"), block_size=16, bin_dtype=dtype)
+        assert data.vocab_size == int(ids.max()) + 1
+    # uint16 ids read as uint32 pair up into ids near 300 * 65536: no vocabulary is that large
+    with pytest.raises(DataError, match=r"vocabulary of [\d,]+: uint16 data read as uint32 .* --bin-dtype uint16"):
+        load_data(str(tmp_path / "u16.bin"), block_size=16, bin_dtype="uint32")
+    # ...unless the caller says the vocabulary is real
+    assert load_data(str(tmp_path / "u16.bin"), block_size=16, bin_dtype="uint32", vocab_size=1 << 25).vocab_size == 1 << 25
+    # uint32 ids read as uint16 have a 0 at every second position
+    with pytest.raises(DataError, match="--bin-dtype uint32"):
+        load_data(str(tmp_path / "u32.bin"), block_size=16)
+    for present, missing in (("train.bin", "val.bin"), ("val.bin", "train.bin")):
+        folder = tmp_path / present.replace(".", "_")
+        folder.mkdir()
+        ids.astype(np.uint16).tofile(folder / present)
+        with pytest.raises(DataError, match=f"has {present} but no {missing}"):
+            load_data(str(folder), block_size=16)
+
+
 def test_batches_are_deterministic_and_sharded():
     tokens = np.arange(10_000, dtype=np.uint16)
     batches = TokenBatches(tokens, block_size=12, seed=3)

@@ -1,7 +1,7 @@
 """What a GPU runs where this CPU would run something else: the trace's stand-ins.
 
 The trace runs on fake CPU tensors, so code that branches on the device takes its CPU branch.
-Four branches of matta's step differ on a GPU, and `gpu_lowering(card)` swaps each for what
+Five branches of matta's step differ on a GPU, and `gpu_lowering(card)` swaps each for what
 the GPU runs, as one priced op or as the GPU branch itself:
 
 1. The MatTA loss row pass (`fused_linear_matta_loss.loss_rows_pass`): on CUDA one Triton
@@ -14,6 +14,8 @@ the GPU runs, as one priced op or as the GPU branch itself:
 4. Shampoo's "auto" root method (`choose_root_method`, which would time candidates): the
    card's method, "newton" on a GPU (batched coupled Newton; the Triton kernel serves
    n <= 128 only), "eigh" on a CPU.
+5. The token-id check of the embedding (`ids_checked_on_host`): a CPU gathers with bounds
+   checks; a GPU masks the ids and files the check in the step's report.
 
 Each patch names its target and fails loudly when the target is gone (a renamed function
 must be renamed here too, not silently left out of the model).
@@ -114,4 +116,5 @@ def device_lowering(card):
             _patch(stack, "matta.ops.fused_linear_matta_loss.default_chunk_size", gpu_chunk_size)
             _patch(stack, "matta.ops.fused_linear_matta_loss.loss_rows_pass", _gpu_loss_rows_pass)
             _patch(stack, "matta.ops.fused_linear_matta_loss._add_mm", _gpu_add_mm)
+            _patch(stack, "matta.models._common.ids_checked_on_host", lambda idx: False)
         yield

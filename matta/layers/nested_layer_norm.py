@@ -3,6 +3,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._sizes import as_size
+
 
 class NestedLayerNorm(nn.Module):
     """LayerNorm of both streams: the Student normalises its first d_S features with the
@@ -10,7 +12,8 @@ class NestedLayerNorm(nn.Module):
 
     def __init__(self, d_s: int, d_ta: int, eps: float):
         super().__init__()
-        if not 0 < d_s <= d_ta:
+        d_s, d_ta = as_size("NestedLayerNorm d_s", d_s), as_size("NestedLayerNorm d_ta", d_ta)
+        if d_s > d_ta:
             raise ValueError(f"NestedLayerNorm needs 0 < d_s <= d_ta, got d_s={d_s}, d_ta={d_ta}")
         self.d_s, self.eps = d_s, eps
         self.weight = nn.Parameter(torch.ones(d_ta))

@@ -5,14 +5,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._sizes import as_size_pair
 from ..ops.nested_linear import nested_linear
 
 
 def _size_pair(name, value):
-    try:
-        small, large = (int(v) for v in value)
-    except (TypeError, ValueError):
-        raise TypeError(f"{name} must be a pair (Student, TA) of ints, got {value!r}") from None
+    small, large = as_size_pair(name, value, "(Student, TA)")
     if small <= 0 or large <= 0:
         raise ValueError(f"{name} must be positive, got {value!r}")
     if small > large:
@@ -61,7 +59,9 @@ class NestedLinear(nn.Module):
         super().__init__()
         self.in_features = _size_pair("in_features", in_features)
         self.out_features = _size_pair("out_features", out_features)
-        self.share_weights = bool(share_weights)
+        if not isinstance(share_weights, bool):
+            raise TypeError(f"share_weights must be True or False, got {share_weights!r}")
+        self.share_weights = share_weights
         (m_s, m_ta), (n_s, n_ta) = self.in_features, self.out_features
         factory = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(torch.empty(n_ta, m_ta, **factory))

@@ -62,8 +62,9 @@ class NestedLM(nn.Module):
 
     # -- what subclasses provide ------------------------------------------------------------
 
-    def embed(self, idx) -> torch.Tensor:
-        """Input vectors of the TA's width (B, T, ta_width), before dropout."""
+    def embed(self, idx, report=None) -> torch.Tensor:
+        """Input vectors of the TA's width (B, T, ta_width), before dropout; ids outside the
+        vocabulary are handled by `embed_tokens` (an error, or NaN rows filed in `report`)."""
         raise NotImplementedError
 
     @property
@@ -101,16 +102,17 @@ class NestedLM(nn.Module):
 
     # -- the streams ------------------------------------------------------------------------
 
-    def hidden_states(self, idx, stream=None, **block_kwargs):
+    def hidden_states(self, idx, stream=None, report=None, **block_kwargs):
         """(h_s, h_ta): the final normalised hidden states of the Student and the TA.
 
         `stream="student"` or `"ta"` computes that stream alone and returns None for the
         other (a run that trains one model pays for one); None computes both, sharing
-        every nested layer's op between them.
+        every nested layer's op between them. `report` (a `DeferredReport`) receives the
+        device-side check of the token ids where that check is deferred (see `embed_tokens`).
         """
         check_stream(stream)
         run_s, run_ta = stream != "ta", stream != "student"
-        x = self.embed(idx)
+        x = self.embed(idx, report)
         d_s = self.student_width
         x_s = self.drop(x if d_s == self.ta_width else x[..., :d_s]) if run_s else None
         x_ta = self.drop(x) if run_ta else None

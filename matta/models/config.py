@@ -8,13 +8,14 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Sequence
 
+from .._sizes import as_size
+
 EXTRA_LAYER_PLACEMENTS = ("interleave", "top", "bottom")
 
 
 def _positive(owner, **values):
     for name, value in values.items():
-        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-            raise ValueError(f"{owner}.{name} must be a positive int, got {value!r}")
+        as_size(f"{owner}.{name}", value)
 
 
 def _check_dropout(owner, dropout):
@@ -196,8 +197,7 @@ class NestingConfig:
     def __post_init__(self):
         if not isinstance(self.share_weights, bool):
             raise ValueError(f"NestingConfig.share_weights must be True or False, got {self.share_weights!r}")
-        if not isinstance(self.extra_layers, int) or self.extra_layers < 0:
-            raise ValueError(f"NestingConfig.extra_layers must be an int >= 0, got {self.extra_layers!r}")
+        as_size("NestingConfig.extra_layers", self.extra_layers, minimum=0)
         positions = self.extra_layer_positions
         if isinstance(positions, str):
             if positions not in EXTRA_LAYER_PLACEMENTS:
@@ -206,7 +206,13 @@ class NestingConfig:
                     f"list of TA layer indices, got {positions!r}"
                 )
         else:
-            object.__setattr__(self, "extra_layer_positions", tuple(int(p) for p in positions))
+            try:
+                indices = tuple(positions)
+            except TypeError:
+                raise TypeError(f"NestingConfig.extra_layer_positions must be one of {EXTRA_LAYER_PLACEMENTS} or a "
+                                f"list of TA layer indices, got {positions!r}") from None
+            object.__setattr__(self, "extra_layer_positions", tuple(
+                as_size(f"NestingConfig.extra_layer_positions[{i}]", p, minimum=0) for i, p in enumerate(indices)))
         for name in ("ffn_ta", "d_model_ta", "n_head_ta"):
             value = getattr(self, name)
             if value is not None:

@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..layers import NestedLayerNorm, NestedLinear
-from ._common import INIT_STD, check_tokens, copy_student_blocks_, count_parameters, resolve_d_model_ta, resolve_ffn_ta
+from ._common import (INIT_STD, check_tokens, copy_student_blocks_, count_parameters, embed_tokens, resolve_d_model_ta,
+                      resolve_ffn_ta)
 from .base import NestedLM, StreamShape
 from .config import GAUConfig, NestingConfig, ta_only_layer_indices
 
@@ -167,7 +168,7 @@ class GAU(nn.Module):
     def forward(self, idx, return_hidden=False, attention_mask=None):
         check_tokens(idx, self.config.n_positions)
         key_mask = _check_mask(attention_mask, idx)
-        x = self.drop(self.wte(idx))
+        x = self.drop(embed_tokens(self.wte, idx, self.config.vocab_size))
         for block in self.blocks:
             x = block(x, key_mask)
         x = self.norm_f(x)
@@ -322,8 +323,8 @@ class NestedGAU(NestedLM):
     def final_norm(self) -> NestedLayerNorm:
         return self.norm_f
 
-    def embed(self, idx):
-        return self.wte(idx)
+    def embed(self, idx, report=None):
+        return embed_tokens(self.wte, idx, self.config.vocab_size, report)
 
     def stream_shape(self, stream: str) -> StreamShape:
         config = self.config if stream == "student" else self.ta_config
@@ -336,10 +337,10 @@ class NestedGAU(NestedLM):
         # Q K^T (width s) and A V (width e), forward and backward: 6 FLOPs per multiply-add pair.
         return 6.0 * config.n_layer * seq_len * (config.attn_dim + config.expansion)
 
-    def forward(self, idx, return_hidden=False, attention_mask=None, *, stream=None):
+    def forward(self, idx, return_hidden=False, attention_mask=None, *, stream=None, report=None):
         check_tokens(idx, self.config.n_positions)
         key_mask = _check_mask(attention_mask, idx)
-        h_s, h_ta = self.hidden_states(idx, stream, key_mask=key_mask)
+        h_s, h_ta = self.hidden_states(idx, stream, report, key_mask=key_mask)
         if self.head is None:
             return (h_s, h_ta) if return_hidden else self.lm_logits(h_s, h_ta)
         h_s = None if h_s is None else _pool(h_s, key_mask)

@@ -32,7 +32,8 @@ from torch import nn
 
 from ..layers import NestedLayerNorm, NestedLinear
 from . import hf_gpt2
-from ._common import check_tokens, copy_student_blocks_, count_parameters, gpt2_init_, resolve_d_model_ta, resolve_ffn_ta
+from ._common import (check_tokens, copy_student_blocks_, count_parameters, embed_tokens, gpt2_init_, resolve_d_model_ta,
+                      resolve_ffn_ta)
 from .base import NestedLM, StreamShape
 from .config import GPT2Config, NestingConfig, ta_only_layer_indices
 
@@ -170,7 +171,7 @@ class GPT2(nn.Module):
     def forward(self, idx, return_hidden=False):
         check_tokens(idx, self.config.n_positions)
         pos = torch.arange(idx.shape[1], device=idx.device)
-        x = self.drop(self.wte(idx) + self.wpe(pos))
+        x = self.drop(embed_tokens(self.wte, idx, self.config.vocab_size) + self.wpe(pos))
         for block in self.h:
             x = block(x)
         x = self.ln_f(x)
@@ -329,17 +330,18 @@ class NestedGPT2(NestedLM):
     def final_norm(self) -> NestedLayerNorm:
         return self.ln_f
 
-    def embed(self, idx):
+    def embed(self, idx, report=None):
         check_tokens(idx, self.config.n_positions)
-        return self.wte(idx) + self.wpe(torch.arange(idx.shape[1], device=idx.device))
+        tokens = embed_tokens(self.wte, idx, self.config.vocab_size, report)
+        return tokens + self.wpe(torch.arange(idx.shape[1], device=idx.device))
 
     def stream_shape(self, stream: str) -> StreamShape:
         config = self.config if stream == "student" else self.ta_config
         body = gpt2_num_parameters(config, block_shapes_of(config))
         return StreamShape(config.n_layer, config.n_embd, config.n_inner, body + config.vocab_size * config.n_embd)
 
-    def forward(self, idx, return_hidden=False, *, stream=None):
-        hidden = self.hidden_states(idx, stream)
+    def forward(self, idx, return_hidden=False, *, stream=None, report=None):
+        hidden = self.hidden_states(idx, stream, report)
         return hidden if return_hidden else self.lm_logits(*hidden)
 
     @classmethod

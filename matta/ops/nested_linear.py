@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .._sizes import as_size_pair
 from .backend import BackendError, kernel_knobs, triton_interpreting, use_triton_for
 
 
@@ -245,10 +246,7 @@ def _check_tensor(name, t, width, dtype, device, lead_shape=None):
 
 def check_student_features(student_features, weight_shape):
     n_ta, m_ta = weight_shape
-    try:
-        n_s, m_s = (int(v) for v in student_features)
-    except (TypeError, ValueError):
-        raise TypeError(f"student_features must be a pair (N_S, M_S) of ints, got {student_features!r}") from None
+    n_s, m_s = as_size_pair("student_features", student_features, "(N_S, M_S)")
     if not (0 < n_s <= n_ta):
         raise ValueError(f"Student output size N_S must be in [1, N_TA={n_ta}], got {n_s}")
     if not (0 < m_s <= m_ta):

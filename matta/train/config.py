@@ -2,11 +2,20 @@
 
 Every field is a `matta train` flag (`batch_size` -> `--batch-size`) and a TOML key (either
 spelling). The resolved configuration is saved as `RUN_DIR/config.json`.
+
+One validation layer serves the flags, the TOML file, config.json and the Python API:
+`coerce` turns a flag string or TOML value into the field's type (refusing a bool where a
+number goes, a float with a fraction where an integer goes, a number where text goes), and
+`validate` checks every field of a TrainConfig (its type, finite and in range, and the
+combinations). Each error is one ConfigError line naming the flag and what it accepts.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import os
+import re
 import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -41,7 +50,8 @@ class TrainConfig:
     ffn: int | None = _opt("Student FFN / GAU expansion width (overrides the preset)", default=None)
     ffn_ta: int | None = _opt("TA FFN / expansion width (default: twice the Student's)", default=None)
     extra_layers: int | None = _opt("TA-only layers (depth nesting)", default=None)
-    extra_layer_positions: str = _opt("where TA-only layers go: interleave, top, bottom", default="interleave")
+    extra_layer_positions: str = _opt("where TA-only layers go", choices=("interleave", "top", "bottom"),
+                                      default="interleave")
     d_model_ta: int | None = _opt("TA width d_model (d_model nesting; default: the Student's)", default=None)
     n_head_ta: int | None = _opt("TA heads with d_model nesting", default=None)
     share_weights: bool = _opt("the Student's Dense layers are the TA's leading blocks (the paper's MatTA); "
@@ -96,8 +106,8 @@ class TrainConfig:
     device: str = _opt("auto, cpu, cuda, cuda:N", default="auto")
     dtype: str = _opt("autocast precision (auto: bf16 on GPU, fp32 on CPU)", choices=DTYPES, default="auto")
     compile: bool = _opt("torch.compile the model's forward (the fused loss stays eager)", default=False)
-    threads: int | None = _opt("CPU threads per process (default or 0: $OMP_NUM_THREADS, else 1); the number "
-                               "used is saved in config.json and --resume reuses it", default=None)
+    threads: int | None = _opt("CPU threads per process, at most the machine's CPUs (default or 0: $OMP_NUM_THREADS, "
+                               "else 1); the number used is saved in config.json and --resume reuses it", default=None)
     parallel: str = _opt("with several processes (torchrun): ddp replicates the model, fsdp shards it (AdamW only)",
                          choices=PARALLEL, default="ddp")
     progress: bool = _opt("show a progress bar", default=True)
@@ -116,45 +126,95 @@ class TrainConfig:
 
 FIELDS = {f.name: f for f in fields(TrainConfig)}
 BOOL_FIELDS = {name for name, f in FIELDS.items() if f.type == "bool"}
+INT_MAX = 2**63 - 1  # what torch's int64 (seeds, step counters) holds
+
+# The least value of each integer field (the most is INT_MAX).
+INT_MINIMUM = {
+    "n_layer": 1, "n_embd": 1, "n_head": 1, "ffn": 1, "ffn_ta": 1, "extra_layers": 0, "d_model_ta": 1,
+    "n_head_ta": 1, "vocab_size": 1, "block_size": 1, "batch_size": 1, "grad_accum": 1, "rampup_start": 0,
+    "rampup_steps": 0, "warmup_steps": 0, "precondition_frequency": 1, "start_preconditioning_step": 1,
+    "max_preconditioner_dim": 1, "max_steps": 1, "tokens": 1, "log_interval": 1, "eval_interval": 0,
+    "eval_tokens": 0, "checkpoint_interval": 0, "keep_checkpoints": 0, "seed": 0, "threads": 0,
+}
+# The interval of each real-number field; every one must also be finite.
+REAL_RANGE = {
+    "dropout": ("in [0, 1)", lambda v: 0 <= v < 1),
+    "val_fraction": ("in (0, 1)", lambda v: 0 < v < 1),
+    "temperature": ("> 0", lambda v: v > 0),
+    "lr": ("> 0", lambda v: v > 0),
+    "min_lr": ("in [0, --lr]", lambda v: v >= 0),
+    "weight_decay": (">= 0", lambda v: v >= 0),
+    "beta1": ("in [0, 1)", lambda v: 0 <= v < 1),
+    "beta2": ("in (0, 1]", lambda v: 0 < v <= 1),
+    "grad_clip": (">= 0 (0: off)", lambda v: v >= 0),
+}
+# What a resumed run cannot change: the model, its data and vocabulary, and the kind of
+# optimizer state its checkpoints hold.
+RESUME_FIXED = ("task", "model", "n_layer", "n_embd", "n_head", "ffn", "ffn_ta", "extra_layers", "extra_layer_positions",
+                "d_model_ta", "n_head_ta", "share_weights", "dropout", "data", "tokenizer", "vocab_size", "bin_dtype",
+                "block_size", "mode", "optimizer", "max_preconditioner_dim", "shampoo_nested_blocks")
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _kind(name: str) -> str:
+    return FIELDS[name].type.replace(" | None", "")
+
+
+def _number(value) -> float:
+    """A flag string or TOML number as a float; bools and other kinds are refused."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ValueError
+    return float(value)
 
 
 def coerce(name: str, value):
     """Converts a flag string or TOML value to the field's type, or raises ConfigError."""
     f = FIELDS[name]
-    flag = "--" + name.replace("_", "-")
-    kind = f.type.replace(" | None", "")
+    kind = _kind(name)
     if value is None and "None" in f.type:
         return None
     try:
         if kind == "bool":
             if isinstance(value, bool):
                 return value
-            text = str(value).strip().lower()
+            text = value.strip().lower() if isinstance(value, str) else None
             if text in ("1", "true", "yes", "on"):
                 return True
             if text in ("0", "false", "no", "off"):
                 return False
             raise ValueError
         if kind == "int":
-            if isinstance(value, float) and not value.is_integer():
+            if isinstance(value, int) and not isinstance(value, bool):
+                return value
+            if isinstance(value, str) and re.fullmatch(r"\s*[+-]?\d+\s*", value):
+                return int(value)
+            number = _number(value)  # 2e3, or a TOML 3.0
+            if not number.is_integer():  # 2.5, inf, nan
                 raise ValueError
-            return int(float(value)) if isinstance(value, str) and "e" in value.lower() else int(value)
+            return int(number)
         if kind == "float":
-            return float(value)
+            return _number(value)
         if kind == "tuple":
             parts = value.split(",") if isinstance(value, str) else list(value)
-            out = tuple(float(p) for p in parts)
+            out = tuple(_number(p) for p in parts)
             if len(out) != 3:
                 raise ValueError
             return out
-        return str(value)
-    except (TypeError, ValueError):
-        expect = {"bool": "true or false", "int": "an integer", "float": "a number", "tuple": "three numbers w_S,w_TA,w_D"}
-        raise ConfigError(f"{flag} must be {expect.get(kind, kind)}, got {value!r}") from None
+        if not isinstance(value, str):
+            raise ValueError
+        return value
+    except (TypeError, ValueError, OverflowError):
+        expect = {"bool": "true or false", "int": "an integer", "float": "a number", "tuple": "three numbers w_S,w_TA,w_D",
+                  "str": "a string"}
+        raise ConfigError(f"{flag(name)} must be {expect[kind]}, got {value!r}") from None
 
 
 def load_toml(path) -> dict:
-    """Reads a TOML config file: {field: value}, keys with '-' or '_'. A [train] table is allowed."""
+    """Reads a TOML config file: {field: value}, keys with '-' or '_', at the top level or in
+    a [train] table. Any other table, or an unknown key, is an error."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist; pass an existing --config FILE.toml")
@@ -169,12 +229,21 @@ def load_toml(path) -> dict:
         raw = tomllib.loads(path.read_text())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"config file {path} is not valid TOML ({exc}); fix the file") from None
-    raw = raw.get("train", raw)
+    entries = [(k, v) for k, v in raw.items() if k != "train"]
+    if "train" in raw:
+        if not isinstance(raw["train"], dict):
+            raise ConfigError(f"config file {path}: 'train' must be a table ([train]), got {raw['train']!r}")
+        entries += list(raw["train"].items())
     out = {}
-    for key, value in raw.items():
+    for key, value in entries:
         name = key.replace("-", "_")
+        if isinstance(value, dict):
+            raise ConfigError(f"config file {path}: unknown table [{key}]; the settings go at the top level or in "
+                              "[train], named as in `matta train --help`")
         if name not in FIELDS:
             raise ConfigError(f"config file {path}: unknown key {key!r}; see `matta train --help` for the names")
+        if name in out:
+            raise ConfigError(f"config file {path}: {key!r} is given twice")
         out[name] = coerce(name, value)
     return out
 
@@ -186,35 +255,53 @@ def make_config(values: dict) -> TrainConfig:
     return cfg
 
 
+def _check_field(name: str, value) -> None:
+    """The type and range of one field's value."""
+    kind, f = _kind(name), FIELDS[name]
+    if value is None and "None" in f.type:
+        return
+    if kind == "int":
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{flag(name)} must be an integer, got {value!r}")
+        low = INT_MINIMUM[name]
+        if not low <= value <= INT_MAX:
+            raise ConfigError(f"{flag(name)} must be an integer from {low} to 2**63 - 1, got {value}")
+    elif kind == "float":
+        text, ok = REAL_RANGE[name]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not ok(value):
+            raise ConfigError(f"{flag(name)} must be a finite number {text}, got {value!r}")
+    elif kind == "tuple":
+        if (not isinstance(value, tuple) or len(value) != 3
+                or any(isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0
+                       for w in value)):
+            raise ConfigError(f"{flag(name)} must be three finite numbers >= 0 (w_S,w_TA,w_D), got {value!r}")
+    elif kind == "bool":
+        if not isinstance(value, bool):
+            raise ConfigError(f"{flag(name)} must be true or false, got {value!r}")
+    else:
+        if not isinstance(value, str) or not value.strip():
+            raise ConfigError(f"{flag(name)} must be a non-empty string, got {value!r}")
+        choices = f.metadata["choices"]
+        if choices is not None and value not in choices:
+            raise ConfigError(f"{flag(name)} must be one of {', '.join(choices)}, got {value!r}")
+
+
 def validate(cfg: TrainConfig) -> None:
+    """Checks every field of `cfg` (see the module docstring); raises ConfigError."""
     def need(ok, message):
         if not ok:
             raise ConfigError(message)
 
-    for name in ("block_size", "batch_size", "grad_accum", "log_interval", "precondition_frequency", "max_preconditioner_dim"):
-        value = getattr(cfg, name)
-        need(value >= 1, f"--{name.replace('_', '-')} must be at least 1, got {value}")
-    for name in ("n_layer", "n_embd", "n_head", "ffn", "ffn_ta", "d_model_ta", "n_head_ta", "max_steps", "tokens", "vocab_size"):
-        value = getattr(cfg, name)
-        need(value is None or value >= 1, f"--{name.replace('_', '-')} must be at least 1, got {value}")
-    for name in ("extra_layers", "warmup_steps", "rampup_start", "rampup_steps", "eval_interval", "eval_tokens",
-                 "checkpoint_interval", "keep_checkpoints", "start_preconditioning_step", "threads"):
-        value = getattr(cfg, name)
-        need(value is None or value >= 0, f"--{name.replace('_', '-')} must be >= 0, got {value}")
-    for name, choices in (("mode", MODES), ("optimizer", OPTIMIZERS), ("dtype", DTYPES), ("rampup", RAMP_SCHEDULES),
-                          ("parallel", PARALLEL), ("task", TASKS),
-                          ("tokenizer", FIELDS["tokenizer"].metadata["choices"]), ("bin_dtype", ("uint16", "uint32")),
-                          ("extra_layer_positions", ("interleave", "top", "bottom"))):
-        value = getattr(cfg, name)
-        need(value in choices, f"--{name.replace('_', '-')} must be one of {', '.join(choices)}, got {value!r}")
-    need(cfg.lr > 0, f"--lr must be positive, got {cfg.lr}")
-    need(cfg.min_lr is None or 0 <= cfg.min_lr <= cfg.lr, f"--min-lr must be in [0, --lr={cfg.lr}], got {cfg.min_lr}")
-    need(0 <= cfg.beta1 < 1 and 0 < cfg.beta2 <= 1, f"--beta1 must be in [0,1) and --beta2 in (0,1], got {cfg.beta1}, {cfg.beta2}")
-    need(0 <= cfg.dropout < 1, f"--dropout must be in [0, 1), got {cfg.dropout}")
-    need(cfg.temperature > 0, f"--temperature must be positive, got {cfg.temperature}")
-    need(cfg.grad_clip >= 0, f"--grad-clip must be >= 0, got {cfg.grad_clip}")
-    need(all(w >= 0 for w in cfg.loss_weights), f"--loss-weights must be >= 0, got {cfg.loss_weights}")
+    for name in FIELDS:
+        _check_field(name, getattr(cfg, name))
+    need(cfg.min_lr is None or cfg.min_lr <= cfg.lr, f"--min-lr must be in [0, --lr={cfg.lr}], got {cfg.min_lr}")
+    w_s, w_ta, w_d = cfg.loss_weights
+    used = {"matta": ("one of w_S, w_TA, w_D", (w_s, w_ta, w_d)), "student": ("w_S", (w_s,)), "ta": ("w_TA", (w_ta,))}
+    what, weights = used[cfg.mode]
+    need(any(w > 0 for w in weights), f"--loss-weights: with --mode {cfg.mode}, {what} must be > 0 (else nothing is "
+                                      f"trained), got {','.join(str(w) for w in cfg.loss_weights)}")
     need(cfg.max_steps is None or cfg.tokens is None, "give --max-steps or --tokens, not both")
+    check_folder("--out", cfg.out)
     if not cfg.share_weights:
         need(cfg.mode == "matta", "--no-share-weights is the unshared MatTA ablation; use it with --mode matta "
                                   "(a Student or TA trained alone shares with nothing)")
@@ -222,8 +309,44 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.task == "classify":
         need(cfg.data == "builtin", "--task classify trains on the synthetic relevance task; drop --data")
         need(cfg.teacher is None, "--task classify has its own Teacher (the task's soft labels); drop --teacher")
-    device = cfg.device
-    need(device in ("auto", "cpu", "cuda") or device.startswith("cuda:"), f"--device must be auto, cpu, cuda or cuda:N, got {device!r}")
+    need(cfg.device in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", cfg.device) is not None,
+         f"--device must be auto, cpu, cuda or cuda:N, got {cfg.device!r}")
     need(not (cfg.parallel == "fsdp" and cfg.optimizer == "shampoo"),
          "--parallel fsdp works with --optimizer adamw only (Shampoo preconditions whole matrices, which FSDP "
          "splits across ranks); use --parallel ddp for Shampoo")
+
+
+def check_folder(flag_name: str, value: str) -> None:
+    """Refuses a folder path (to be made or filled) that is empty or runs into a file."""
+    if not value.strip():
+        raise ConfigError(f"{flag_name} must name a folder, got {value!r}")
+    path = Path(value)
+    existing = next((p for p in (path, *path.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise ConfigError(f"{flag_name} {value}: {existing} is a file, not a folder; pass a folder")
+
+
+def check_threads(threads: int, source: str = "--threads") -> None:
+    """Refuses a CPU thread count above this machine's CPUs (OpenMP cannot start, say, 100000
+    threads: libgomp crashes). Not part of `validate`: a run's recorded count must stay
+    readable on a smaller machine; call it where the count is applied."""
+    cpus = os.cpu_count() or 1
+    if threads > cpus:
+        raise ConfigError(f"{source} {threads} is more than the {cpus} CPUs of this machine; use at most {cpus}")
+
+
+def check_resume(run_dir, saved: dict, requested: dict) -> None:
+    """Refuses settings a resumed run cannot change (RESUME_FIXED): `saved` are the values in
+    the run's config.json, `requested` the ones given now (flags and TOML)."""
+    def same(name, a, b):
+        if a == b:
+            return True
+        # one data file named two ways (relative and absolute, ~)
+        return name == "data" and Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
+
+    for name in RESUME_FIXED:
+        if name in requested and name in saved and not same(name, requested[name], saved[name]):
+            raise ConfigError(
+                f"{flag(name)} {requested[name]}: the run in {run_dir} was started with {flag(name)} {saved[name]}, "
+                f"which its checkpoints hold; drop {flag(name)} to resume it, or start a new run in another --out"
+            )

@@ -6,7 +6,8 @@
                      config, "nesting": the NestingConfig}: what rebuilds the model
     tokenizer.json   the tokenizer (absent for pre-tokenised data without one)
     metrics.jsonl    one JSON record per log step ("train") and per evaluation ("eval")
-    checkpoints/     atomic checkpoints (see checkpoint.py); `latest` names the newest
+    checkpoints/     atomic checkpoints, each verified by its manifest (checkpoint.py); a resume
+                     takes the newest intact one
     results.json     the final table: per model, parameters and the task's scores
     report.png       loss curves and the size-vs-quality curve (report.py)
     .lock            held (flock) by the one process that writes the folder
@@ -93,10 +94,14 @@ def build_model(cfg: TrainConfig, vocab_size: int) -> NestedLM:
         raise ConfigError(f"bad model configuration: {exc}") from None
 
 
-def write_model_info(run_dir, model: NestedLM, vocab_size: int) -> None:
-    info = {"kind": model.architecture, "vocab_size": vocab_size, "config": dataclasses.asdict(model.config),
+def model_info(model: NestedLM, vocab_size: int) -> dict:
+    """What RUN_DIR/model.json holds: what rebuilds `model` (and fingerprints it in checkpoints)."""
+    return {"kind": model.architecture, "vocab_size": vocab_size, "config": dataclasses.asdict(model.config),
             "nesting": dataclasses.asdict(model.nest)}
-    write_json_atomic(Path(run_dir) / MODEL_INFO, info)
+
+
+def write_model_info(run_dir, model: NestedLM, vocab_size: int) -> None:
+    write_json_atomic(Path(run_dir) / MODEL_INFO, model_info(model, vocab_size))
 
 
 def model_from_info(run_dir) -> NestedLM:

@@ -111,7 +111,7 @@ class LanguageModelTask(Task):
         return data.val_blocks(cfg.eval_tokens or None)
 
     def loss(self, model, criterion, x, y, teacher=None):
-        h_s, h_ta = model(x, return_hidden=True, stream=criterion.stream)
+        h_s, h_ta = model(x, return_hidden=True, stream=criterion.stream, report=criterion.report)
         soft_labels = None
         if teacher is not None:
             with torch.no_grad():
@@ -163,7 +163,7 @@ class ClassificationTask(Task):
         runs on the full logits."""
         if teacher is not None:
             raise ValueError("a classifier is trained on the task's own Teacher; pass teacher=None")
-        logits_s, logits_ta = model(x, stream=criterion.stream)
+        logits_s, logits_ta = model(x, stream=criterion.stream, report=criterion.report)
         return criterion(logits_s, logits_ta, y)
 
     def evaluate_nested(self, model, val, *, device, batch_size, autocast_dtype):

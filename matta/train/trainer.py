@@ -26,15 +26,16 @@ from ..extraction import extracted_models
 from ..ops import DeferredReport
 from . import parallel
 from .batches import StepBatches
-from .checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
-from .config import TrainConfig
+from .checkpoint import (CheckpointError, check_fits, latest_checkpoint, load_checkpoint, remove_dead_writes,
+                         run_identity, save_checkpoint)
+from .config import TrainConfig, check_threads
 from .context import Context, check_memory, default_threads
 from .objective import Objective, criterion_for
 from .optimizers import build_optimizer
 from .progress import Progress
 from .report import describe, format_table, make_report
-from .run_dir import (RunDirLock, append_metrics, build_model, keep_metrics_until, load_teacher, read_config,
-                      start_metrics, write_results, write_run_files)
+from .run_dir import (RunDirLock, append_metrics, build_model, keep_metrics_until, load_teacher, model_info,
+                      read_config, start_metrics, write_results, write_run_files)
 from .schedule import Schedule
 from .tasks import task_for
 
@@ -61,6 +62,8 @@ def settled_threads(cfg: TrainConfig, recorded: int | None) -> int:
     default. A count other than the recorded one changes rounding, so a resumed run would
     not end where an uninterrupted one does: that is warned about."""
     threads = cfg.threads or recorded or default_threads()
+    check_threads(threads, "--threads" if cfg.threads else "the run's recorded threads" if recorded
+                  else "$OMP_NUM_THREADS")
     if recorded is not None and threads != recorded:
         warnings.warn(f"--threads {threads} differs from the {recorded} thread(s) this run started with: "
                       "it will not end bit-identical to an uninterrupted run", stacklevel=3)
@@ -85,6 +88,7 @@ class Run:
         ctx, task = self.ctx, self.task
         if ctx.master and self._lock is None:
             self._lock = RunDirLock(self.run_dir).__enter__()
+            remove_dead_writes(self.run_dir)  # temp folders of killed checkpoint writes
         ckpt_path = latest_checkpoint(self.run_dir) if self.resume else None
         if self.resume and ckpt_path is None:
             raise CheckpointError(f"--resume: {self.run_dir} has no checkpoint yet; drop --resume to start a new run")
@@ -112,8 +116,10 @@ class Run:
         self.max_steps = total_steps(cfg, ctx.world)
         self.schedule = Schedule(cfg, self.max_steps, self.optimizer, criterion)
         self.teacher = load_teacher(cfg.teacher, vocab, ctx.device) if cfg.teacher else None
+        self.identity = run_identity(cfg.optimizer, model_info(self.model, vocab))
         self.step = 0
         if ckpt_path is not None:
+            check_fits(ckpt_path, identity=self.identity, model_state=self.model.state_dict(), max_steps=self.max_steps)
             self._restore(ckpt_path)
         elif ctx.master:
             start_metrics(self.run_dir)
@@ -227,7 +233,7 @@ class Run:
         rng = self.ctx.gather(self.ctx.rng_state())
         if self.ctx.master:
             save_checkpoint(self.run_dir, self.step, model_state, optimizer_state, {"rng": rng},
-                            keep=max(1, self.cfg.keep_checkpoints))
+                            keep=max(1, self.cfg.keep_checkpoints), identity=self.identity)
 
     def train(self, report: bool = True) -> dict:
         """Trains to the last step, then evaluates and (with `report`) prints the table and draws
