@@ -171,7 +171,8 @@ def largest_eigenvalue_estimate(a: Tensor, iterations: int = _POWER_ITERATIONS) 
     return torch.minimum(torch.linalg.matrix_norm(a), 2.0 * rayleigh)
 
 
-def _newton_root_torch(a: Tensor, z: Tensor, root: int, max_iterations: int, tolerance: float, sync_free: bool):
+def _newton_root_torch(a: Tensor, z: Tensor, root: int, max_iterations: int, tolerance: float,
+                       sync_free: bool = False):
     """Batched coupled Newton with per-matrix stopping; same rules as the Triton kernel.
     Stopped matrices stay as they are, so with `sync_free` (no early exit once all have
     stopped, which would read the device) the result is the same, at the cost of the

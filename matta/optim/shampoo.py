@@ -635,7 +635,7 @@ class Shampoo(torch.optim.Optimizer):
                     grad = member.param.grad
                     if pack.matrix and _matrix_strides(grad) is None:
                         grad = grad.contiguous()
-                    sources.append(member.natural_view(grad))
+                    sources.append(grad if grad.dim() == 1 else member.natural_view(grad))  # 1-D: the view is itself
                     targets.append(view)
         torch._foreach_copy_(targets, sources)
         for cohort in self._cohorts:
