@@ -17,7 +17,9 @@ from matta.ops.matrix_functions import matrix_inverse_root_reference
 from matta.optim import RootSettings, Shampoo, block_bounds, matrix_view_shape, nested_block_splits
 from matta.ops import DeferredReport
 from matta.optim import shampoo as shampoo_module
+from matta.train import Run
 from shampoo_naive import NaiveShampoo
+from test_train import corpus, tiny  # noqa: F401  (corpus is a fixture)
 
 
 class Tiny(torch.nn.Module):
@@ -631,3 +633,26 @@ def test_two_gloo_processes_equal_one_process_with_half_the_matrix_work(monkeypa
         q.grad = torch.randn_like(q)
     resumed_opt.step()
     assert torch.isfinite(p).all()
+
+
+# -------------------------------------------------------------------------------------
+# The trainer reads Shampoo's report at its log read
+
+
+def test_a_nan_gradient_under_shampoo_stops_the_run_at_the_next_read(tmp_path, corpus, monkeypatch):
+    run = Run(tiny(tmp_path, corpus, optimizer="shampoo", max_steps=4))
+    run.setup()
+    run.read_record(run.train_step())
+    params = [p for p in run.model.parameters() if p.requires_grad]
+    before = [p.detach().clone() for p in params]
+    real_step = run.optimizer.step
+
+    def poisoned_step(*args, **kwargs):
+        params[-1].grad.view(-1)[0] = float("nan")  # after clipping: the loss stays finite
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(run.optimizer, "step", poisoned_step)
+    rec = run.train_step()
+    assert all(torch.equal(p.detach(), q) for p, q in zip(params, before))  # the step was skipped
+    with pytest.raises(FloatingPointError, match=r"by step 2: Shampoo: non-finite \(NaN/inf\) gradient"):
+        run.read_record(rec)

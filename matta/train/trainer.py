@@ -284,16 +284,22 @@ class Run:
 
     def read_record(self, rec: dict) -> dict:
         """The step record with plain numbers: one host read (and one all-reduce across ranks).
-        Raises FloatingPointError if any loss since the start was NaN or inf."""
+        Raises FloatingPointError if any loss since the start was NaN or inf, or if the
+        optimizer's report (Shampoo's: NaN/inf gradients, roots failing again and again) holds
+        a failed check."""
         norm = rec["grad_norm"]
+        report = getattr(self.optimizer, "report", None)  # Shampoo's device-side checks, read here with the rest
+        optimizer_ok = torch.ones((), device=self.ctx.device) if report is None else ~report.any_failed(self.ctx.device)
         flags = [torch.zeros(1, dtype=torch.float64, device=self.ctx.device) if norm is None else norm.reshape(1).double(),
-                 self._all_finite.reshape(1).double()]
+                 optimizer_ok.reshape(1).double(), self._all_finite.reshape(1).double()]
         values = self.ctx.mean_over_ranks(torch.cat([rec["losses"], *flags])).tolist()
         if values[-1] < 1.0:
             check_loss_inputs()  # a loss input at fault (NaN, a bad target) is named; else the loss itself overflowed
             raise FloatingPointError(
                 f"the loss became NaN or inf by step {rec['step']}; lower --lr or raise --warmup-steps"
             )
+        if values[-2] < 1.0 and report is not None:
+            report.check(FloatingPointError, prefix=f"by step {rec['step']}: ")
         out = {"step": rec["step"], "lr": rec["lr"], "ramp": rec["ramp"], **dict(zip(LOSS_KEYS, values))}
         out["grad_norm"] = None if norm is None else values[len(LOSS_KEYS)]
         return out
