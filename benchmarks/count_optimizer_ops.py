@@ -128,7 +128,8 @@ def main():
         print(f"  {count:7d}  {name}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"optimizer": args.optimizer, "baseline": args.baseline, "root_step": args.root_step, "params": args.params, "scale": args.scale, "device": args.device,
+            json.dump({"optimizer": args.optimizer, "baseline": args.baseline, "root_step": args.root_step,
+                       "params": args.params, "scale": args.scale, "device": args.device,
                        "parameters": len(shapes), "blocks": blocks, "ops": counter.total,
                        "non_view_ops": counter.total - counter.views, "by_op": dict(counter.ops)}, f, indent=2)
 

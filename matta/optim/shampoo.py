@@ -168,10 +168,6 @@ def _check_group(group):
         raise ValueError(f"factor_matmul_dtype must be one of {FACTOR_MATMUL_DTYPES}, got {group['factor_matmul_dtype']!r}")
 
 
-def _factor_dtype(param) -> torch.dtype:
-    return torch.promote_types(param.dtype, torch.float32)
-
-
 def _matrix_strides(t: Tensor):
     """(row stride, column stride) of `t` seen as its `matrix_view_shape`, or None when that
     view would need a copy (trailing dimensions not laid out as one)."""
@@ -207,8 +203,8 @@ class _Member:
     """One parameter's share of a pack: a rectangle of equal blocks (matrix packs), or the
     whole parameter flattened (flat packs), at `first` (block or element) in the pack."""
 
-    def __init__(self, slot, param, first, rect=None):
-        self.slot, self.param, self.first, self.rect = slot, param, first, rect
+    def __init__(self, param, first, rect=None):
+        self.param, self.first, self.rect = param, first, rect
         self.param_view = None
         self.param_key = None
 
@@ -259,8 +255,9 @@ class _Member:
 class _Pack:
     """All blocks of one shape (matrix) or all 0-/1-D parameters of one dtype (flat) of one cohort.
 
-    `tensors` holds the moments of every block (replicated on every rank); a matrix pack also
-    holds the factors, roots and root bookkeeping of the blocks [lo, hi) this rank owns.
+    `grad` holds the step's gathered gradients, then its final directions. `tensors` holds the
+    moments of every block (replicated on every rank); a matrix pack also holds the factors,
+    roots and root bookkeeping of the blocks [lo, hi) this rank owns.
     """
 
     def __init__(self, key, members, size, device, dtype, rank, world):
@@ -269,9 +266,7 @@ class _Pack:
         shape = (size, key[0], key[1]) if self.matrix else (size,)
         self.shape = shape
         self.grad = torch.empty(shape, dtype=dtype, device=device)
-        self.direction = torch.empty(shape, dtype=dtype, device=device)
         self.grad_views = [m.pack_view(self.grad) for m in members]
-        self.direction_views = [m.pack_view(self.direction) for m in members]
         self.tensors = {}
         self.share = -(-size // world)
         self.lo, self.hi = min(size, rank * self.share), min(size, (rank + 1) * self.share)
@@ -293,8 +288,8 @@ class _Pack:
 class _Cohort:
     """The parameters of one param group with one step count: its packs and its step."""
 
-    def __init__(self, group_index, group, step, params):
-        self.group_index, self.group, self.params = group_index, group, params
+    def __init__(self, group, step, params):
+        self.group, self.params = group, params
         self.t = step  # the step count, read by Python; mirrored in the CPU tensor every state["step"] shares
         self.step = torch.tensor(step, dtype=torch.int64)
         self.packs = []
@@ -447,19 +442,19 @@ class Shampoo(torch.optim.Optimizer):
         per-parameter state in `self.state` (or fresh state)."""
         rank, world = self._world()
         by_cohort = defaultdict(list)
-        for gi, pi, param in active:
+        for gi, _, param in active:
             step = self.state[param]["step"] if "step" in self.state.get(param, {}) else None
-            by_cohort[(gi, int(step) if step is not None else 0)].append((pi, param))
+            by_cohort[(gi, int(step) if step is not None else 0)].append(param)
         cohorts = []
         for (gi, step), members in by_cohort.items():
             group = self.param_groups[gi]
-            cohort = _Cohort(gi, group, step, [param for _, param in members])
+            cohort = _Cohort(group, step, members)
             layout = defaultdict(list)  # pack key -> members
             sizes = defaultdict(int)
-            for slot, (pi, param) in enumerate(members):
+            for param in members:
                 if not matrix_view_shape(param.shape):
                     key = ("flat", param.dtype)
-                    layout[key].append(_Member(slot, param, sizes[key]))
+                    layout[key].append(_Member(param, sizes[key]))
                     sizes[key] += param.numel()
                     continue
                 rows, cols = self._bounds(param, group)
@@ -467,7 +462,7 @@ class Shampoo(torch.optim.Optimizer):
                     for ci, c0, n, count_c in _equal_runs(cols):
                         key = (m, n, param.dtype)
                         rect = dict(r0=r0, c0=c0, m=m, n=n, count_r=count_r, count_c=count_c, row_index=ri, col_index=ci)
-                        member = _Member(slot, param, sizes[key], rect)
+                        member = _Member(param, sizes[key], rect)
                         layout[key].append(member)
                         sizes[key] += member.size
             for key, pack_members in layout.items():
@@ -508,14 +503,15 @@ class Shampoo(torch.optim.Optimizer):
             if "block_bounds" not in state:
                 continue
             n_cols = len(self._bounds(member.param, group)[1])
+            counts = {name: state[name].to(device) for name in ("root_ready", "failures_consecutive", "failures_total")}
             for j, i in enumerate(member.block_indices(n_cols), start=member.first):
                 if not pack.lo <= j < pack.hi:
                     continue
                 k = j - pack.lo
                 for name in ("factor_left", "factor_right", "root_left", "root_right"):
                     t[name][k].copy_(state[f"{name}.{i}"])
-                for name in ("root_ready", "failures_consecutive", "failures_total"):
-                    t[name][k].copy_(state[name][i])
+                for name, values in counts.items():
+                    t[name][k].copy_(values[i])
 
     def _gathered(self, pack, t: Tensor) -> Tensor:
         """A tensor over the owned blocks, gathered from every rank into one over all blocks."""
@@ -547,8 +543,9 @@ class Shampoo(torch.optim.Optimizer):
                 if not pack.matrix:
                     continue
                 full = {name: self._gathered(pack, pack.tensors[name]) for name in
-                        ("factor_left", "factor_right", "root_left", "root_right", "root_ready",
-                         "failures_consecutive", "failures_total")}
+                        ("factor_left", "factor_right", "root_left", "root_right")}
+                full.update({name: self._gathered(pack, pack.tensors[name]).cpu() for name in
+                             ("root_ready", "failures_consecutive", "failures_total")})  # one copy each
                 for member in pack.members:
                     state = natural[member.param]
                     if "block_bounds" not in state:
@@ -562,7 +559,7 @@ class Shampoo(torch.optim.Optimizer):
                         for name in ("factor_left", "factor_right", "root_left", "root_right"):
                             state[f"{name}.{i}"] = full[name][j].clone()
                         for name in ("root_ready", "failures_consecutive", "failures_total"):
-                            state[name][i] = full[name][j].cpu()
+                            state[name][i] = full[name][j]
         for param, values in self.state.items():
             if param not in natural and values:
                 natural[param] = dict(values)  # loaded but not yet stepped
@@ -614,7 +611,10 @@ class Shampoo(torch.optim.Optimizer):
             self._build_plan(active)
             self._plan_key = key
             index = self._global_index()
-            self._plan_index = torch.tensor([index[id(p)] for _, _, p in active], device=device)
+            positions = [index[id(p)] for _, _, p in active]
+            # arange when every parameter steps (no host-to-device copy, which would wait on CUDA)
+            self._plan_index = (torch.arange(len(positions), device=device) if positions == list(range(len(index)))
+                                else torch.tensor(positions, device=device))
         if self._nonfinite is None or self._nonfinite.device != device:
             self._nonfinite = torch.zeros(len(self._global_index()), dtype=torch.int64, device=device)
 
@@ -730,8 +730,9 @@ class Shampoo(torch.optim.Optimizer):
                 buffer = pack.tensors["momentum_buffer"]
                 torch.where(ok, buffer.mul(momentum).add_(direction), buffer, out=buffer)
                 direction = direction.add(buffer, alpha=momentum) if group["nesterov"] else buffer
-            torch.where(ok, direction, torch.zeros((), dtype=pack.dtype, device=pack.device), out=pack.direction)
-            for member, view in zip(pack.members, pack.direction_views):
+            # The gradient is used up: its buffer takes the final direction (zero on a skipped step).
+            torch.where(ok, direction, torch.zeros((), dtype=pack.dtype, device=pack.device), out=pack.grad)
+            for member, view in zip(pack.members, pack.grad_views):
                 param_views.append(member.cached_param_view())
                 directions.append(view)
         if weight_decay:
