@@ -26,8 +26,9 @@ blocks. The inverse roots due in a step are stacked per size across packs: one
 layout (the same as before packs existed), and `load_state_dict` takes it back.
 
 No host reads in `step()`. A step never waits for the device:
-- a NaN/inf gradient in any parameter makes the whole step a no-op (no parameter, moment,
-  factor or root changes; masks on the device decide it), counted per parameter
+- a NaN/inf gradient in any parameter (one whose L2 norm is not finite) makes the whole step
+  a no-op (no parameter, moment, factor or root changes; masks on the device decide it),
+  counted per parameter
   (`nonfinite_gradient_counts()`) and filed in the optimizer's `report`;
 - a computed root is accepted on the device when finite with error <= the threshold (else
   the previous root stays, `torch.where`), failures are counted there (`root_failure_counts()`),
@@ -619,8 +620,9 @@ class Shampoo(torch.optim.Optimizer):
             self._nonfinite = torch.zeros(len(self._global_index()), dtype=torch.int64, device=device)
 
         grads = [p.grad for _, _, p in active]
-        largest = torch._foreach_norm(grads, math.inf, dtype=torch.float32)
-        bad_each = ~torch.isfinite(torch.stack(largest))
+        # The L2 norm is NaN/inf exactly when an entry is (or when squares overflow: entries
+        # near 1e19, hopeless anyway); it is the fast foreach norm (the max-norm is 10-100x slower).
+        bad_each = ~torch.isfinite(torch.stack(torch._foreach_norm(grads)))
         self._nonfinite.index_add_(0, self._plan_index, bad_each.to(torch.int64))
         bad = bad_each.any()
         self.report.add(bad, NONFINITE_MESSAGE)
@@ -704,8 +706,9 @@ class Shampoo(torch.optim.Optimizer):
         if pack.owned:
             block = torch.bmm(torch.bmm(t["root_left"], pack.own(filtered).to(dtype)), t["root_right"])
             if group["grafting"] != "none":
-                graft_norm = torch.linalg.vector_norm(own_graft.to(dtype), dim=(1, 2))
-                norm = torch.linalg.vector_norm(block, dim=(1, 2)).clamp_min(torch.finfo(dtype).tiny)
+                # Over (B, m*n) views: the same sums as over dims (1, 2), 10x faster on a CPU.
+                graft_norm = torch.linalg.vector_norm(own_graft.to(dtype).flatten(1), dim=1)
+                norm = torch.linalg.vector_norm(block.flatten(1), dim=1).clamp_min(torch.finfo(dtype).tiny)
                 block = block * (graft_norm / norm).view(-1, 1, 1)
             own = torch.where(t["root_ready"].all(dim=1).view(-1, 1, 1), block.to(pack.dtype), own_graft)
         else:
