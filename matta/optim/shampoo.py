@@ -28,8 +28,7 @@ layout (the same as before packs existed), and `load_state_dict` takes it back.
 No host reads in `step()`. A step never waits for the device:
 - a NaN/inf gradient in any parameter (one whose L2 norm is not finite) makes the whole step
   a no-op (no parameter, moment, factor or root changes; masks on the device decide it),
-  counted per parameter
-  (`nonfinite_gradient_counts()`) and filed in the optimizer's `report`;
+  counted per parameter (`nonfinite_gradient_counts()`) and filed in the optimizer's `report`;
 - a computed root is accepted on the device when finite with error <= the threshold (else
   the previous root stays, `torch.where`), failures are counted there (`root_failure_counts()`),
   and a factor failing `max_consecutive_failures` times in a row is filed in `report`;
