@@ -93,15 +93,19 @@ def bf16_rounds_to_nearest(monkeypatch):
 CORPUS_WORDS = ["the", "cat", "sat", "on", "a", "mat", "and", "dog", "ran", "far", "away", "home"]
 
 
-@pytest.fixture
-def corpus(tmp_path):
-    """A small text file of random words: data for tiny training runs."""
+def write_word_corpus(path):
+    """3000 words drawn from 12 into `path`: the data of tiny training runs."""
     import numpy as np
 
     rng = np.random.default_rng(0)
-    path = tmp_path / "corpus.txt"
     path.write_text(" ".join(CORPUS_WORDS[i] for i in rng.integers(0, len(CORPUS_WORDS), 3000)))
     return path
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    """A word corpus of one test's own (function scope)."""
+    return write_word_corpus(tmp_path / "corpus.txt")
 
 
 @pytest.fixture
@@ -123,15 +127,7 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-CORPUS_WORDS = ["the", "cat", "sat", "on", "a", "mat", "and", "dog", "ran", "far", "away", "home"]
-
-
 @pytest.fixture(scope="module")
 def word_corpus(tmp_path_factory):
-    """A text file of 3000 words drawn from 12: the data of tiny training runs through the CLI."""
-    import numpy as np
-
-    rng = np.random.default_rng(0)
-    path = tmp_path_factory.mktemp("data") / "corpus.txt"
-    path.write_text(" ".join(CORPUS_WORDS[i] for i in rng.integers(0, len(CORPUS_WORDS), 3000)))
-    return path
+    """The same word corpus, shared by a module's tests (module scope)."""
+    return write_word_corpus(tmp_path_factory.mktemp("data") / "corpus.txt")

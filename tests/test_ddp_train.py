@@ -12,7 +12,6 @@ import pytest
 import torch
 
 from matta.train.checkpoint import latest_checkpoint, load_checkpoint
-from test_train import corpus  # noqa: F401  (the fixture)
 
 pytestmark = pytest.mark.slow
 

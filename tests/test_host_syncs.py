@@ -62,15 +62,8 @@ def host_reads_of_steps(tmp_path, corpus, steps=4, **overrides):
     return tracer.host_reads
 
 
-SHAMPOO_SYNC = pytest.mark.xfail(
-    strict=True, raises=AssertionError,
-    reason="Shampoo.step reads the device: _check_gradients every step; at a root step _compute_roots (errors, "
-           "finite flags) and matrix_functions' _redo_non_finite (eigh) / _newton_root_torch (one read per "
-           "iteration): being removed on branch shampoo; drop this mark once it is merged")
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize("optimizer", ["adamw", pytest.param("shampoo", marks=SHAMPOO_SYNC)])
+@pytest.mark.parametrize("optimizer", ["adamw", "shampoo"])
 @pytest.mark.parametrize("mode", ["matta", "student", "ta"])
 def test_a_training_step_never_syncs_with_the_host(tmp_path, corpus, mode, optimizer):
     reads = host_reads_of_steps(tmp_path, corpus, mode=mode, optimizer=optimizer)

@@ -163,7 +163,8 @@ def test_bad_arguments_name_expected_and_received(kwargs, match):
 def test_auto_is_measured_once_and_cached(monkeypatch):
     timed = []
     real_run = mf._run
-    monkeypatch.setattr(mf, "_run", lambda a, root, eps, method, *rest: timed.append(method) or real_run(a, root, eps, method, *rest))
+    monkeypatch.setattr(mf, "_run", lambda a, root, eps, method, *rest, **kw:
+                        timed.append(method) or real_run(a, root, eps, method, *rest, **kw))
     monkeypatch.setattr(mf, "_CHOICES", {})
     a = random_spd(5, 12, 10.0, "cpu")
     _, diag = matrix_inverse_root(a, method="auto", return_diagnostics=True)

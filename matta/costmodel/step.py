@@ -159,8 +159,7 @@ def trace_training_step(cfg: TrainConfig, vocab_size: int, card: DeviceCard, *, 
         root_records, root_reads, root_matrices = [], [], []
         if shampoo:
             root_records, root_reads = traced_optimizer_step()
-            root_matrices = [(f.shape[-1], f.element_size()) for state in optimizer.state.values()
-                             for k, f in state.items() if k.startswith("factor_")]
+            root_matrices = optimizer.factor_sizes()
         steady_records, steady_reads = traced_optimizer_step()
     return StepTrace(
         cfg=cfg, card=card, vocab_size=vocab_size, amp_dtype="bf16" if amp is not None else "fp32",

@@ -84,17 +84,19 @@ def _with_epsilon(a: Tensor, epsilon: float) -> Tensor:
 # eigh
 
 
-def _eigh_batched(a: Tensor):
-    """eigh of a (B, n, n) batch in one call; what raises or comes out non-finite is redone in float64."""
+def _eigh_batched(a: Tensor, sync_free: bool):
+    """eigh of a (B, n, n) batch in one call; what raises or comes out non-finite is redone in
+    float64 (the non-finite ones only without `sync_free`: finding them is a host read)."""
     try:
         w, q = torch.linalg.eigh(a)
     except torch.linalg.LinAlgError:
-        return _eigh_each(a)
-    return _redo_non_finite(a, w, q)
+        return _eigh_each(a, sync_free)
+    return (w, q) if sync_free else _redo_non_finite(a, w, q)
 
 
-def _eigh_each(a: Tensor):
-    """One eigh call per matrix, each retried in float64 if it raises or is non-finite."""
+def _eigh_each(a: Tensor, sync_free: bool):
+    """One eigh call per matrix, each retried in float64 if it raises or (without
+    `sync_free`) is non-finite."""
     ws, qs = [], []
     for matrix in a:
         try:
@@ -105,7 +107,8 @@ def _eigh_each(a: Tensor):
         qs.append(q)
     if not ws:
         return a.new_empty(a.shape[:-1]), torch.empty_like(a)
-    return _redo_non_finite(a, torch.stack(ws), torch.stack(qs))
+    w, q = torch.stack(ws), torch.stack(qs)
+    return (w, q) if sync_free else _redo_non_finite(a, w, q)
 
 
 def _eigh_float64(matrix: Tensor):
@@ -129,10 +132,10 @@ def _redo_non_finite(a: Tensor, w: Tensor, q: Tensor):
     return w, q
 
 
-def _eigh_root(a: Tensor, root: int, epsilon: float, loop: bool, diagnostics: bool):
+def _eigh_root(a: Tensor, root: int, epsilon: float, loop: bool, diagnostics: bool, sync_free: bool):
     """Roots from eigh of `a` itself (its lower triangle, as eigh reads it); epsilon is added to
     the eigenvalues, which is adding epsilon I to the matrix without another pass over it."""
-    w, q = (_eigh_each if loop else _eigh_batched)(a)
+    w, q = (_eigh_each if loop else _eigh_batched)(a, sync_free)
     # Rounding can leave eigenvalues of a PSD matrix slightly below 0: floor them at epsilon.
     floor = max(epsilon, torch.finfo(a.dtype).tiny)
     x = (q * _inverse_root_elementwise((w + epsilon).clamp_min(floor), root).unsqueeze(-2)) @ q.mT
@@ -168,8 +171,12 @@ def largest_eigenvalue_estimate(a: Tensor, iterations: int = _POWER_ITERATIONS) 
     return torch.minimum(torch.linalg.matrix_norm(a), 2.0 * rayleigh)
 
 
-def _newton_root_torch(a: Tensor, z: Tensor, root: int, max_iterations: int, tolerance: float):
-    """Batched coupled Newton with per-matrix stopping; same rules as the Triton kernel."""
+def _newton_root_torch(a: Tensor, z: Tensor, root: int, max_iterations: int, tolerance: float,
+                       sync_free: bool = False):
+    """Batched coupled Newton with per-matrix stopping; same rules as the Triton kernel.
+    Stopped matrices stay as they are, so with `sync_free` (no early exit once all have
+    stopped, which would read the device) the result is the same, at the cost of the
+    iterations up to `max_iterations`."""
     batch, n, _ = a.shape
     eye = torch.eye(n, dtype=a.dtype, device=a.device).expand(batch, n, n)
     x = eye * (1.0 / _inverse_root_elementwise(z, root)).view(batch, 1, 1)
@@ -178,7 +185,7 @@ def _newton_root_torch(a: Tensor, z: Tensor, root: int, max_iterations: int, tol
     iterations = torch.zeros(batch, dtype=torch.int32, device=a.device)
     going = residual > tolerance
     for _ in range(max_iterations):
-        if not bool(going.any()):
+        if not sync_free and not bool(going.any()):
             break
         t = ((root + 1.0) * eye - m) / root
         x_next = x @ t
@@ -194,7 +201,7 @@ def _newton_root_torch(a: Tensor, z: Tensor, root: int, max_iterations: int, tol
     return x, residual, iterations
 
 
-def _newton_root(a: Tensor, root: int, max_iterations: int, tolerance: float):
+def _newton_root(a: Tensor, root: int, max_iterations: int, tolerance: float, sync_free: bool = False):
     from ..kernels import newton_root as kernel
 
     z = ((root + 1.0) / (2.0 * largest_eigenvalue_estimate(a))).to(a.dtype)
@@ -205,7 +212,7 @@ def _newton_root(a: Tensor, root: int, max_iterations: int, tolerance: float):
     if on_kernel:
         return kernel.newton_inverse_root(a.contiguous(), z.contiguous(), root, max_iterations, tolerance,
                                           interpreting=triton_interpreting())
-    return _newton_root_torch(a, z, root, max_iterations, tolerance)
+    return _newton_root_torch(a, z, root, max_iterations, tolerance, sync_free)
 
 
 # ---------------------------------------------------------------------------------------
@@ -240,7 +247,8 @@ def choose_root_method(n: int, batch: int, device, dtype=torch.float32, root: in
     they are timed per matrix anyway). Three interleaved rounds, the best time of each kept, so
     a noisy neighbour on a shared machine rarely decides; a candidate 3x slower than the best
     in the first round is dropped. On CUDA a warm-up run comes first (compilation). The cache
-    key buckets `batch` to powers of two.
+    key buckets `batch` to powers of two. Candidates run `sync_free`, as a training step runs
+    them: all their iterations, no device value read on the host.
     """
     key = _choice_key(n, batch, device, dtype, root)
     if key not in _CHOICES:
@@ -250,12 +258,12 @@ def choose_root_method(n: int, batch: int, device, dtype=torch.float32, root: in
         timings = dict.fromkeys(_CANDIDATES, math.inf)
         if device.type == "cuda":
             for method in _CANDIDATES:
-                _run(a, root, 0.0, method, 100, 1e-6, False)
+                _run(a, root, 0.0, method, 100, 1e-6, False, sync_free=True)
         for round_ in range(3):
             for method in list(timings):
                 _synchronize(device)
                 start = time.perf_counter()
-                _run(a, root, 0.0, method, 100, 1e-6, False)
+                _run(a, root, 0.0, method, 100, 1e-6, False, sync_free=True)
                 _synchronize(device)
                 timings[method] = min(timings[method], time.perf_counter() - start)
             if round_ == 0:
@@ -274,11 +282,11 @@ def root_method_choices() -> dict:
 # Public API
 
 
-def _run(a, root, epsilon, method, max_iterations, tolerance, diagnostics):
+def _run(a, root, epsilon, method, max_iterations, tolerance, diagnostics, sync_free=False):
     """(x, error or None, iterations) for a (B, n, n) batch in a computing dtype; no checks."""
     if method == "newton":
-        return _newton_root(_with_epsilon(a, epsilon), root, max_iterations, tolerance)
-    return _eigh_root(a, root, epsilon, method == "eigh_loop", diagnostics)
+        return _newton_root(_with_epsilon(a, epsilon), root, max_iterations, tolerance, sync_free)
+    return _eigh_root(a, root, epsilon, method == "eigh_loop", diagnostics, sync_free)
 
 
 def matrix_inverse_root(
@@ -290,6 +298,7 @@ def matrix_inverse_root(
     max_iterations: int = 100,
     tolerance: float = 1e-6,
     return_diagnostics: bool = False,
+    sync_free: bool = False,
 ):
     """(A + epsilon I)^(-1/root) for every matrix of a (..., n, n) symmetric PSD batch.
 
@@ -302,6 +311,11 @@ def matrix_inverse_root(
         method: "auto", "eigh", "eigh_loop" or "newton" (see the module docstring).
         max_iterations, tolerance: Newton's cap and its stopping threshold on ||M - I||_F.
         return_diagnostics: also return a `RootDiagnostics`.
+        sync_free: never read a device value on the host (for a step that must not wait):
+            eigh's float64 retry of matrices that came out non-finite is skipped (they stay
+            non-finite, and `diagnostics.finite` says so), and Newton runs `max_iterations`
+            iterations (the result is the same: stopped matrices are frozen). On CUDA,
+            `torch.linalg.eigh` itself still checks cuSOLVER's status on the host.
 
     Returns:
         X with the shape and dtype of A; with `return_diagnostics`, `(X, RootDiagnostics)`.
@@ -328,7 +342,8 @@ def matrix_inverse_root(
     a = A.reshape(-1, n, n).to(compute_dtype)
     if method == "auto":
         method = choose_root_method(n, a.shape[0], a.device, compute_dtype, root)
-    x, error, iterations = _run(a, root, float(epsilon), method, max_iterations, float(tolerance), return_diagnostics)
+    x, error, iterations = _run(a, root, float(epsilon), method, max_iterations, float(tolerance), return_diagnostics,
+                                bool(sync_free))
     x = x.to(A.dtype).reshape(A.shape)
     if not return_diagnostics:
         return x

@@ -3,11 +3,14 @@ from __future__ import annotations
 
 import torch
 
+from ..ops import DeferredReport
 from ..optim import Shampoo, nested_block_splits
 from .config import TrainConfig
 
 
-def build_optimizer(cfg: TrainConfig, model) -> torch.optim.Optimizer:
+def build_optimizer(cfg: TrainConfig, model, report: DeferredReport | None = None) -> torch.optim.Optimizer:
+    """AdamW or Shampoo over the model's groups; Shampoo files its device-side checks in
+    `report` (the run's, read at log steps)."""
     groups = model.optimizer_groups(cfg.weight_decay)
     if cfg.optimizer == "adamw":
         # The fused kernel keeps its step counts on the device: no host read per step.
@@ -22,4 +25,5 @@ def build_optimizer(cfg: TrainConfig, model) -> torch.optim.Optimizer:
         grafting="adam",
         grafting_beta2=cfg.beta2,
         block_splits=nested_block_splits(model) if cfg.shampoo_nested_blocks else None,
+        report=report,
     )

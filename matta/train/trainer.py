@@ -112,7 +112,7 @@ class Run:
         self.engine = parallel.wrap(self.objective, ctx, cfg)
         if cfg.compile:
             self.model.compile()
-        self.optimizer = build_optimizer(cfg, self.model)
+        self.optimizer = build_optimizer(cfg, self.model, self.report)
         self.max_steps = total_steps(cfg, ctx.world)
         self.schedule = Schedule(cfg, self.max_steps, self.optimizer, criterion)
         self.teacher = load_teacher(cfg.teacher, vocab, ctx.device) if cfg.teacher else None
@@ -189,8 +189,9 @@ class Run:
     def read_record(self, rec: dict) -> dict:
         """The step record with plain numbers: one host read (and one all-reduce across ranks).
         Raises FloatingPointError if a value check of a step since the last read failed
-        (naming it: the loss and gradients of that step were NaN), or if any loss since the
-        start was NaN or inf."""
+        (naming it: a bad loss input, whose loss and gradients were NaN; Shampoo's NaN/inf
+        gradients, whose steps it skipped, or roots failing again and again), or if any
+        loss since the start was NaN or inf."""
         device = self.ctx.device
         norm = rec["grad_norm"]
         checks = [torch.zeros(1, dtype=torch.float64, device=device) if norm is None else norm.reshape(1).double(),
@@ -206,6 +207,8 @@ class Run:
             raise FloatingPointError(
                 f"the loss became NaN or inf by step {rec['step']}; lower --lr or raise --warmup-steps"
             )
+        if values[-2] < 1.0 and report is not None:
+            report.check(FloatingPointError, prefix=f"by step {rec['step']}: ")
         out = {"step": rec["step"], "lr": rec["lr"], "ramp": rec["ramp"], **dict(zip(LOSS_KEYS, values))}
         out["grad_norm"] = None if norm is None else grad_norm
         return out
