@@ -45,13 +45,16 @@ NONE, SEPARATE, ADD, PREFIX = 0, 1, 2, 3
 # stream four operands per stage and hold two accumulators, so 128x256 tiles spill and
 # overflow shared memory (kernels/compile_check.py); fp32 tiles take twice the bytes, so their
 # K step and pipeline depth are smaller to fit sm_80's 163 KiB. Without TF32 (`ieee`) the dot
-# runs on FMA units and holds its accumulators in registers, so only tiles that do not spill:
-# 64 x 64 takes 8 warps (with 4, triton 3.6's two-input input gradient needs 255 registers
-# and spills 8 bytes on sm_90; with 8 it needs 128 and two blocks fit on an SM).
+# runs on FMA units and holds its accumulators in registers, so only a tile that does not
+# spill: 64 x 64, 8 warps, 2 stages (63-128 registers on sm_90 with triton 3.6 and 3.9; with
+# 4 warps 3.6's two-input input gradient took 255 and spilled 8 bytes, with 3 stages 3.9's
+# plain input gradient kept 8 bytes of stack). A 64 x 32 tile with 4 warps spilled 8-16 bytes
+# in the one-input weight gradient (3.9) and the plain input gradient (both). fp32 without
+# TF32 goes to cuBLAS unless the dispatch table says otherwise.
 TILES = {
     "16-bit": [(128, 128, 64, 8, 3), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4)],
     "tf32": [(128, 128, 32, 8, 2), (64, 128, 32, 4, 3), (128, 64, 32, 4, 3), (64, 64, 32, 4, 3)],
-    "ieee": [(64, 64, 32, 8, 3), (64, 32, 32, 4, 3)],
+    "ieee": [(64, 64, 32, 8, 2)],
 }
 GROUP_M = 8
 INTERPRETER_TILES = (32, 32, 32)  # the interpreter's default; MATTA_INTERPRET_TILES pins others
@@ -186,33 +189,36 @@ def _nested_matmul_kernel(
     k_hi = tl.minimum(k_lo + chunk, R)
     p1_end = tl.minimum(k_hi, r_split)
 
-    # Phase 1, reduction [0, R2) of a Student-block tile: both products.
-    for r0 in range(k_lo, p1_end, BLOCK_K):
-        rr = r0 + tl.arange(0, BLOCK_K)
-        if INT64:
-            rr = rr.to(tl.int64)
-        a = _load_tile(a_ptr, rows, rr, stride_ap, stride_ar, P, p1_end, INTERPRETING)
-        b = _load_tile(b_ptr, rr, cols, stride_br, stride_bq, p1_end, Q, INTERPRETING)
-        if SUB_MODE == 3:  # PREFIX
-            acc = tl.dot(a, b, acc, input_precision=PRECISION)
-        else:
-            a2 = _load_tile(a2_ptr, rows, rr, stride_a2p, stride_a2r, P2, p1_end, INTERPRETING)
-            if FOLD:
-                if fold_here:
-                    acc = tl.dot(a + a2, b, acc, input_precision=PRECISION)
-                else:  # columns past Q2 in this tile must not see A2
-                    acc = tl.dot(a2, tl.where(cols[None, :] < Q2, b, 0.0).to(b.dtype), acc, input_precision=PRECISION)
-                    acc = tl.dot(a, b, acc, input_precision=PRECISION)
-            else:
-                if SHARE_B:
-                    b2 = b
-                else:
-                    b2 = _load_tile(b2_ptr, rr, cols, stride_b2r, stride_b2q, p1_end, Q2, INTERPRETING)
-                if SUB_MODE == 1:  # SEPARATE
-                    acc2 = tl.dot(a2, b2, acc2, input_precision=PRECISION)
-                else:  # ADD
-                    acc = tl.dot(a2, b2, acc, input_precision=PRECISION)
+    # Phase 1, reduction [0, R2) of a Student-block tile: both products (a plain product,
+    # SUB_MODE NONE, has none: compiled without it, it holds fewer registers).
+    if SUB_MODE != 0:
+        for r0 in range(k_lo, p1_end, BLOCK_K):
+            rr = r0 + tl.arange(0, BLOCK_K)
+            if INT64:
+                rr = rr.to(tl.int64)
+            a = _load_tile(a_ptr, rows, rr, stride_ap, stride_ar, P, p1_end, INTERPRETING)
+            b = _load_tile(b_ptr, rr, cols, stride_br, stride_bq, p1_end, Q, INTERPRETING)
+            if SUB_MODE == 3:  # PREFIX
                 acc = tl.dot(a, b, acc, input_precision=PRECISION)
+            else:
+                a2 = _load_tile(a2_ptr, rows, rr, stride_a2p, stride_a2r, P2, p1_end, INTERPRETING)
+                if FOLD:
+                    if fold_here:
+                        acc = tl.dot(a + a2, b, acc, input_precision=PRECISION)
+                    else:  # columns past Q2 in this tile must not see A2
+                        b_s = tl.where(cols[None, :] < Q2, b, 0.0).to(b.dtype)
+                        acc = tl.dot(a2, b_s, acc, input_precision=PRECISION)
+                        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+                else:
+                    if SHARE_B:
+                        b2 = b
+                    else:
+                        b2 = _load_tile(b2_ptr, rr, cols, stride_b2r, stride_b2q, p1_end, Q2, INTERPRETING)
+                    if SUB_MODE == 1:  # SEPARATE
+                        acc2 = tl.dot(a2, b2, acc2, input_precision=PRECISION)
+                    else:  # ADD
+                        acc = tl.dot(a2, b2, acc, input_precision=PRECISION)
+                    acc = tl.dot(a, b, acc, input_precision=PRECISION)
     if SUB_MODE == 3:
         acc2 = acc
 
