@@ -24,12 +24,14 @@
 # once and measures Shampoo and torch.compile on that same model only where its remaining
 # budget covers their estimates. The kernel tests, the longest step, come last.
 # MATTA_GPU_CHECK_PYTHON picks the interpreter (default python3, the image's);
-# MATTA_GPU_CHECK_BENCHMARKS the folder of the benchmark scripts (tests put fakes there).
+# MATTA_GPU_CHECK_BENCHMARKS the folder of the benchmark scripts (tests put fakes there);
+# MATTA_GPU_CHECK_STEP_LIMIT_S caps every step's limit (tests, rehearsals).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 started=$SECONDS
 deadline=${MATTA_GPU_CHECK_DEADLINE_S:-540}
 reserve=${MATTA_GPU_CHECK_RESERVE_S:-20}  # the summary, the last archive, and a margin
+cap=${MATTA_GPU_CHECK_STEP_LIMIT_S:-600}  # a lower cap on every step's limit, for a quick rehearsal
 py=${MATTA_GPU_CHECK_PYTHON:-python3}
 bench=${MATTA_GPU_CHECK_BENCHMARKS:-benchmarks}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
@@ -57,6 +59,7 @@ step() {  # step NAME LIMIT_S COMMAND...: run it under its limit cut to the dead
     printf '%s\tskipped\t0\t%s\n' "$name" "$limit" >> "$work/steps.tsv"
     return
   fi
+  ((limit > cap)) && limit=$cap
   ((limit > remaining)) && limit=$remaining
   echo "== $name (limit ${limit}s, $((SECONDS - started))s into the run)"
   local begin=$SECONDS
@@ -75,7 +78,7 @@ grep -q "cuda True" "$work/machine.txt" && cuda=1
 step nested_linear 100 "$py" "$bench/bench_nested_linear.py" --gpu --json "$work/nested_linear.json"
 step nested_linear_fp32 80 "$py" "$bench/bench_nested_linear.py" --gpu --dtypes tf32 fp32 --tokens 1024 16384 \
   --shapes ffn_up --repeats 10 --json "$work/nested_linear_fp32.json"
-step dispatch_table 20 bash -c "'$py' '$bench/write_dispatch_table.py' $work/nested_linear*.json \
+step dispatch_table 30 bash -c "'$py' '$bench/write_dispatch_table.py' $work/nested_linear*.json \
   --out matta/ops/dispatch_table.json && cp matta/ops/dispatch_table.json '$OUT/dispatch_table.json'"
 step matta_loss 50 "$py" "$bench/bench_loss.py" --gpu --json "$work/matta_loss.json"
 step models 60 "$py" "$bench/bench_models.py" --gpu --json "$work/models.json"
