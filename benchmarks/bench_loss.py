@@ -30,6 +30,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from matta.ops import fused_linear_matta_loss  # noqa: E402
+from partial_results import PartialResults  # noqa: E402
 
 VOCAB = 50257
 
@@ -127,12 +128,16 @@ def run_cpu(args):
 # GPU
 
 
-def run_gpu(args):
+def run_gpu(args, results):
+    """Rows go into `results` (saved) and are printed as each is measured."""
     device = torch.device("cuda")
-    results = []
+    results.set(device=torch.cuda.get_device_name(), gpu=[])
+    print(f"GPU {torch.cuda.get_device_name()}, bf16, d_S={args.student_dim}, d_TA={args.dim}, V={VOCAB}, "
+          f"median of {args.repeats} (forward + backward)", flush=True)
+    print(f"{'T':>6s} {'variant':8s} {'median ms':>10s} {'peak extra MiB':>15s}", flush=True)
     for n_tokens in (4096, 16384):
         inputs, target = make_inputs(n_tokens, args.student_dim, args.dim, torch.bfloat16, device)
-        check = {}
+        check, rows = {}, {}
         for variant in ("naive", "fused"):
             step(variant, inputs, target, None)  # warm-up (and Triton compilation)
             torch.cuda.synchronize()
@@ -148,24 +153,21 @@ def run_gpu(args):
                 times.append(begin.elapsed_time(end) / 1000)
             peak = torch.cuda.max_memory_allocated() - base
             check[variant] = (loss.float(), inputs[2].grad.float())
-            results.append({"tokens": n_tokens, "variant": variant, "median_s": statistics.median(times),
-                            "peak_extra_mib": peak / 2**20})
-        (l_n, g_n), (l_f, g_f) = check["naive"], check["fused"]
-        results[-1]["loss_rel_diff"] = abs(l_f - l_n).item() / abs(l_n).item()
-        results[-1]["dweight_rel_diff"] = ((g_f - g_n).norm() / g_n.norm()).item()
+            rows[variant] = {"tokens": n_tokens, "variant": variant, "median_s": statistics.median(times),
+                             "peak_extra_mib": peak / 2**20}
+            if variant == "fused":
+                (l_n, g_n), (l_f, g_f) = check["naive"], check["fused"]
+                rows[variant]["loss_rel_diff"] = abs(l_f - l_n).item() / abs(l_n).item()
+                rows[variant]["dweight_rel_diff"] = ((g_f - g_n).norm() / g_n.norm()).item()
+            r = rows[variant]
+            results.add("gpu", r, f"{r['tokens']:6d} {r['variant']:8s} {1000 * r['median_s']:10.2f} "
+                                  f"{r['peak_extra_mib']:15.0f}")
+        naive, fused = rows["naive"], rows["fused"]
+        print(f"T={n_tokens}: fused speed-up {naive['median_s'] / fused['median_s']:.2f}x, memory "
+              f"{fused['peak_extra_mib'] / naive['peak_extra_mib']:.3f}x; loss rel diff "
+              f"{fused['loss_rel_diff']:.1e}, dW rel diff {fused['dweight_rel_diff']:.1e}", flush=True)
         del inputs, target, check
         torch.cuda.empty_cache()
-    print(f"GPU {torch.cuda.get_device_name()}, bf16, d_S={args.student_dim}, d_TA={args.dim}, V={VOCAB}, "
-          f"median of {args.repeats} (forward + backward)")
-    print(f"{'T':>6s} {'variant':8s} {'median ms':>10s} {'peak extra MiB':>15s}")
-    for r in results:
-        print(f"{r['tokens']:6d} {r['variant']:8s} {1000 * r['median_s']:10.2f} {r['peak_extra_mib']:15.0f}")
-    for i in range(0, len(results), 2):
-        naive, fused = results[i], results[i + 1]
-        print(f"T={naive['tokens']}: fused speed-up {naive['median_s'] / fused['median_s']:.2f}x, memory "
-              f"{fused['peak_extra_mib'] / naive['peak_extra_mib']:.3f}x; loss rel diff "
-              f"{fused['loss_rel_diff']:.1e}, dW rel diff {fused['dweight_rel_diff']:.1e}")
-    return {"gpu": results}
 
 
 def main():
@@ -188,11 +190,14 @@ def main():
     args.repeats = args.repeats or (10 if args.gpu else 3)
     if args.worker:
         return cpu_worker(args)
-    results = run_gpu(args) if args.gpu else run_cpu(args)
-    results["date_utc"] = time.strftime("%Y-%m-%d %H:%M", time.gmtime())
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
+    if args.gpu and not torch.cuda.is_available():
+        parser.error("--gpu needs a CUDA device")
+    results = PartialResults(args.json, date_utc=time.strftime("%Y-%m-%d %H:%M", time.gmtime()))
+    if args.gpu:
+        run_gpu(args, results)
+    else:
+        results.set(**run_cpu(args))
+    results.finish()
 
 
 if __name__ == "__main__":

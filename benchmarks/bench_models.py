@@ -16,7 +16,6 @@ is reported, not fatal.
 """
 import argparse
 import datetime
-import json
 import os
 import platform
 import statistics
@@ -29,6 +28,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from matta.models import GPT2, GPT2Config, NestedGPT2, NestingConfig  # noqa: E402
+from partial_results import PartialResults  # noqa: E402
 
 
 def _ce(logits, target):
@@ -51,9 +51,10 @@ def _step_fn(model, idx, target, nested, autocast_dtype, stream=None):
     return step
 
 
-def _time_interleaved(steps: dict, device, warmup, reps):
+def _time_interleaved(steps: dict, device, warmup, reps, on_round=lambda medians, rounds: None):
     """Median ms of each step; the steps take turns in every round, so that load from
-    other processes on a shared machine falls on all of them alike."""
+    other processes on a shared machine falls on all of them alike. `on_round` gets the
+    medians so far after every round (a run killed at its time limit keeps them)."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for step in steps.values():
         for _ in range(warmup):
@@ -66,6 +67,7 @@ def _time_interleaved(steps: dict, device, warmup, reps):
             step()
             sync()
             times[name].append(time.perf_counter() - start)
+        on_round({name: statistics.median(t) * 1e3 for name, t in times.items()}, len(times[name]))
     return {name: statistics.median(t) * 1e3 for name, t in times.items()}
 
 
@@ -89,7 +91,8 @@ def _runs(nested_step, backend):
         return None, f"{type(exc).__name__}: {exc}"[:500]
 
 
-def run(config, nest, batch, seq, device, autocast_dtype, warmup, reps, backends):
+def run(config, nest, batch, seq, device, autocast_dtype, warmup, reps, backends, results):
+    """The medians (ms) of every step, also saved into `results` after every round."""
     torch.manual_seed(0)
     with torch.device(device):  # initialise on the device: GPT-2 Medium MatTA is ~1.9B parameters in all
         nested = NestedGPT2(config, nest)
@@ -110,7 +113,12 @@ def run(config, nest, batch, seq, device, autocast_dtype, warmup, reps, backends
             steps[f"matta_{backend}"] = step
         else:
             result[f"matta_{backend}_error"] = error
-    medians = _time_interleaved(steps, device, warmup, reps)
+    results.set(**result)  # a backend's error, before the timing starts
+
+    def save(medians, rounds):
+        results.set(rounds=rounds, **{f"{name}_ms": ms for name, ms in medians.items()})
+
+    medians = _time_interleaved(steps, device, warmup, reps, save)
     result.update({f"{name}_ms": ms for name, ms in medians.items()})
     separate = result["student_ms"] + result["ta_ms"]
     result["separate_sum_ms"] = separate
@@ -153,23 +161,22 @@ def main():
     config = GPT2Config.preset(preset)
     # The paper's MatTA GPT-2 Medium: FFN x2 and half as many layers again, TA-only, interleaved.
     nest = NestingConfig(ffn_ta=2 * config.n_inner, extra_layers=config.n_layer // 2, extra_layer_positions="interleave")
-    result = run(config, nest, batch, seq, device, dtype, warmup, reps, backends)
-    report = {
-        "benchmark": "bench_models",
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "device": torch.cuda.get_device_name() if args.gpu else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
-        "torch": torch.__version__,
-        "preset": preset,
-        "student": f"{config.n_layer} layers, d {config.n_embd}, FFN {config.n_inner}",
-        "ta": f"{config.n_layer + nest.extra_layers} layers, d {config.n_embd}, FFN {nest.ffn_ta}",
-        "batch": batch,
-        "seq": seq,
-        "precision": "bf16 autocast" if dtype is not None else "fp32",
-        **result,
-    }
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=2)
+    results = PartialResults(
+        args.json,
+        benchmark="bench_models",
+        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        device=torch.cuda.get_device_name() if args.gpu else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
+        torch=torch.__version__,
+        preset=preset,
+        student=f"{config.n_layer} layers, d {config.n_embd}, FFN {config.n_inner}",
+        ta=f"{config.n_layer + nest.extra_layers} layers, d {config.n_embd}, FFN {nest.ffn_ta}",
+        batch=batch,
+        seq=seq,
+        precision="bf16 autocast" if dtype is not None else "fp32",
+    )
+    result = run(config, nest, batch, seq, device, dtype, warmup, reps, backends, results)
+    results.set(**result)
+    results.finish()
     print(f"{'model step (fwd+bwd)':<28}{'median ms':>12}")
     print(f"{'Student alone':<28}{result['student_ms']:>12.2f}")
     print(f"{'TA alone':<28}{result['ta_ms']:>12.2f}")

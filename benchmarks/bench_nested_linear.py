@@ -19,7 +19,6 @@ and the first-layer form with one shared input.
 """
 import argparse
 import datetime
-import json
 import os
 import statistics
 import sys
@@ -31,6 +30,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from matta.ops.nested_linear import nested_linear  # noqa: E402
+from partial_results import PartialResults  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "tf32": torch.float32, "fp32": torch.float32}
 
@@ -139,12 +139,13 @@ def bench_shape(name, t, dtype_key, device, repeats, warmup, variants):
     return rows
 
 
-def print_table(rows):
-    print(f"{'shape':<18}{'T':>7} {'dtype':<9}{'variant':<9}{'median ms':>11}{'TFLOP/s':>9}"
+HEADER = (f"{'shape':<18}{'T':>7} {'dtype':<9}{'variant':<9}{'median ms':>11}{'TFLOP/s':>9}"
           f"{'x naive':>9}{'of ceil':>9}")
-    for r in rows:
-        print(f"{r['shape']:<18}{r['T']:>7} {r['dtype_key']:<9}{r['variant']:<9}{r['median_ms']:>11.3f}"
-              f"{r['tflops']:>9.2f}{r['speedup_vs_naive']:>8.2f}x{r['fraction_of_ceiling']:>8.2f}")
+
+
+def format_row(r):
+    return (f"{r['shape']:<18}{r['T']:>7} {r['dtype_key']:<9}{r['variant']:<9}{r['median_ms']:>11.3f}"
+            f"{r['tflops']:>9.2f}{r['speedup_vs_naive']:>8.2f}x{r['fraction_of_ceiling']:>8.2f}")
 
 
 def main(argv=None):
@@ -166,18 +167,18 @@ def main(argv=None):
         device, dtypes = torch.device("cpu"), args.dtypes or ["fp32"]
         tokens = args.tokens or [256, 1024]
         variants, repeats, warmup = ["naive", "torch"], args.repeats or 5, 1
-    rows = []
+    capability = "sm_{}{}".format(*torch.cuda.get_device_capability()) if args.gpu else "cpu"
+    # Saved after every shape, so a run killed at its time limit keeps what it measured.
+    results = PartialResults(args.json, op="nested_linear",
+                             device=torch.cuda.get_device_name() if args.gpu else "cpu", capability=capability,
+                             date=datetime.date.today().isoformat(), torch=torch.__version__, rows=[])
+    print(HEADER, flush=True)
     for dtype_key in dtypes:
         for name in args.shapes:
             for t in tokens:
-                rows += bench_shape(name, t, dtype_key, device, repeats, warmup, variants)
-    print_table(rows)
-    if args.json:
-        capability = "sm_{}{}".format(*torch.cuda.get_device_capability()) if args.gpu else "cpu"
-        with open(args.json, "w") as f:
-            json.dump({"op": "nested_linear", "device": torch.cuda.get_device_name() if args.gpu else "cpu",
-                       "capability": capability, "date": datetime.date.today().isoformat(),
-                       "torch": torch.__version__, "rows": rows}, f, indent=1)
+                for row in bench_shape(name, t, dtype_key, device, repeats, warmup, variants):
+                    results.add("rows", row, format_row(row))
+    results.finish()
 
 
 if __name__ == "__main__":

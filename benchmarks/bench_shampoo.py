@@ -26,7 +26,6 @@ Medium MatTA parameter shapes (random gradients; --layers of the 36 TA layers pl
 embeddings), amortised over precondition_frequency = 20 steps (one of them recomputes roots).
 """
 import argparse
-import json
 import math
 import os
 import statistics
@@ -39,6 +38,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from matta.ops import matrix_functions  # noqa: E402
 from matta.ops.matrix_functions import matrix_inverse_root  # noqa: E402
+from partial_results import PartialResults  # noqa: E402
 
 D_MODEL, TA_LAYERS, VOCAB_PADDED = 1024, 36, 50304
 EPSILON = 1e-12
@@ -103,7 +103,7 @@ def timed(fn, device, repeats):
 
 
 def bench_roots(device, block, count, repeats, strategies):
-    rows = []
+    """Yields one row per factor size, as each is measured."""
     for n, full in sorted(factor_counts(block).items(), reverse=True):
         sample = min(full, count if n == block else max(1, count // 8))
         a, truth, distinct = factor_batch(sample, n, device)
@@ -120,9 +120,8 @@ def bench_roots(device, block, count, repeats, strategies):
             row[f"{name}_s"] = seconds
             row[f"{name}_full_s"] = seconds * full / sample
             row[f"{name}_max_rel_error"] = error.item()
-        rows.append(row)
         print_row(row, strategies)
-    return rows
+        yield row
 
 
 def print_row(row, strategies):
@@ -182,17 +181,17 @@ def main():
     strategies = sorted(set(args.strategies) | {"loop", "batch", "auto"}, key=list(STRATEGIES).index)
     print(f"device {torch.cuda.get_device_name() if args.gpu else 'cpu'}, torch {torch.__version__}, "
           f"threads {torch.get_num_threads()}, count {count}, repeats {args.repeats}", flush=True)
-    report = {"device": torch.cuda.get_device_name() if args.gpu else "cpu", "torch": torch.__version__,
-              "threads": torch.get_num_threads(), "roots": []}
+    # Saved after every row, so a run killed at its time limit keeps what it measured.
+    report = PartialResults(args.json, device=torch.cuda.get_device_name() if args.gpu else "cpu",
+                            torch=torch.__version__, threads=torch.get_num_threads(), roots=[])
     for block in args.blocks:
         # Small blocks: time proportionally more matrices so each size is timed on a real batch.
         block_count = count if block >= 1024 else count * (1024 // block) ** 2 // 2
-        report["roots"] += bench_roots(device, block, block_count, args.repeats, strategies)
+        for row in bench_roots(device, block, block_count, args.repeats, strategies):
+            report.add("roots", row)
     if args.gpu:
-        report["optimizer_step"] = bench_optimizer_step(device, args.layers)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=2)
+        report.set(optimizer_step=bench_optimizer_step(device, args.layers))
+    report.finish()
 
 
 if __name__ == "__main__":

@@ -4,10 +4,13 @@
     python -m matta.kernels.compile_check --report [--filter SUBSTRING]
 
 Triton lowers each spec to PTX and ptxas builds a cubin for the target, so a kernel that
-cannot build for a GPU fails here and not on a lent machine. A spec fails when it does not
-build, when shared memory exceeds the architecture's limit, when a `uses_dot` kernel shows no
-`wgmma` on sm_90 (Hopper tensor cores), or when its sm_90 build spills registers (stack frame
-or local memory, read from the cubin with cuobjdump). Spills on sm_80 are reported only.
+cannot build for a GPU fails here and not on a lent machine. First, every configuration the
+launchers can launch (each kernel module's `enumerate_launches()`) must be covered by a
+registered spec (`CompileSpec.covers`), or the check fails before compiling anything. A spec
+fails when it does not build, when shared memory exceeds the architecture's limit, when a
+`uses_dot` kernel shows no `wgmma` on sm_90 (Hopper tensor cores), or when its sm_90 build
+spills registers (stack frame or local memory, read from the cubin with cuobjdump). Spills on
+sm_80 are reported only.
 
 `--report` builds for sm_90 and prints, per spec, at the GPT-2 Medium MatTA shapes (16384
 tokens, d 1024, FFN 4096/8192, V 50257) on an H100 (132 SMs): registers, shared memory,
@@ -47,6 +50,18 @@ def _import_all_kernel_modules():
         if not module.name.startswith("_") and module.name != "compile_check":
             importlib.import_module(f"{__package__}.{module.name}")
     return package.COMPILE_SPECS
+
+
+def unregistered_launches(specs) -> list:
+    """The launches that kernel modules can make (their `enumerate_launches()`) which no
+    registered spec covers: each would first compile on a GPU, unchecked."""
+    package = importlib.import_module(__package__)
+    launches = []
+    for module in pkgutil.iter_modules(package.__path__):
+        enumerate_launches = getattr(importlib.import_module(f"{__package__}.{module.name}"), "enumerate_launches", None)
+        if enumerate_launches is not None:
+            launches += enumerate_launches()
+    return [launch for launch in dict.fromkeys(launches) if not any(spec.covers(launch) for spec in specs)]
 
 
 def _resource_usage(cubin: bytes):
@@ -221,7 +236,15 @@ def main(argv=None) -> int:
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         print("compile_check: unset TRITON_INTERPRET (the interpreter does not compile)", file=sys.stderr)
         return 2
-    specs = [s for s in _import_all_kernel_modules() if args.filter in s.name]
+    everything = _import_all_kernel_modules()
+    unregistered = unregistered_launches(everything)
+    for launch in unregistered:
+        print(f"NOT REGISTERED: {launch.describe()}")
+    if unregistered:
+        print(f"compile_check: {len(unregistered)} launchable configurations have no compile spec; register them "
+              "(register_compile_spec) beside their launcher", file=sys.stderr)
+        return 1
+    specs = [s for s in everything if args.filter in s.name]
     if not specs:
         print(f"compile_check: no kernel spec matches {args.filter!r}", file=sys.stderr)
         return 2

@@ -19,6 +19,7 @@ Ignored rows get zero losses and zero gradients (tl.where, so garbage there cann
 A class id outside [0, V) is never used as an address (the row's results are meaningless
 and the op reports it); soft targets may have any strides, a broadcast row included.
 """
+import torch
 import triton
 import triton.language as tl
 
@@ -179,6 +180,17 @@ def matta_loss_rows_kernel(
 GPU_BLOCK_V = 4096
 INTERPRETER_BLOCK_V = 32
 NUM_WARPS = 8
+_TRITON_DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+
+
+def launch_options(dtype: str, hard: bool, has_tau: bool, write_grad: bool) -> dict:
+    """num_warps, and for fp32 rows with hard targets, a temperature and the gradient, leave to
+    use a thread's every register (.maxnreg 255): triton 3.6's ptxas caps that build at 128
+    registers (two blocks per SM) and spills 8 bytes on sm_90; with the cap lifted it takes
+    183 (3.9's takes 176 unasked, 203 with it; one block of 8 warps per SM either way).
+    16 warps instead make other fp32 builds spill on 3.6, which then caps them at 64."""
+    lift = dtype == "fp32" and hard and has_tau and write_grad
+    return {"num_warps": NUM_WARPS, **({"maxnreg": 255} if lift else {})}
 
 
 def matta_loss_rows(z_s, z_ta, target, out, scale, *, hard, ignore_index, w_s, w_ta, w_d, temperature,
@@ -200,7 +212,8 @@ def matta_loss_rows(z_s, z_ta, target, out, scale, *, hard, ignore_index, w_s, w
         n_cols, z_s.stride(0), z_ta.stride(0), 0 if hard else target.stride(0), 1 if hard else target.stride(1),
         ignore_index, float(w_s), float(w_ta), float(w_d), float(temperature),
         HARD=hard, HAS_TAU=temperature != 1.0, WRITE_GRAD=write_grad, BLOCK_V=block_v,
-        num_warps=1 if interpreting else NUM_WARPS,
+        **({"num_warps": 1} if interpreting else
+           launch_options(_TRITON_DTYPES[z_s.dtype], hard, temperature != 1.0, write_grad)),
     )
 
 
@@ -222,5 +235,5 @@ for _dtype in ("bf16", "fp16", "fp32"):
                                **_SCALARS, "y_col_stride": "constexpr" if _unit_cols else "i32"},
                     constexprs={"HARD": _hard, "HAS_TAU": _has_tau, "WRITE_GRAD": _write,
                                 "BLOCK_V": GPU_BLOCK_V, **({"y_col_stride": 1} if _unit_cols else {})},
-                    options={"num_warps": NUM_WARPS},
+                    options=launch_options(_dtype, _hard, _has_tau, _write),
                 ))

@@ -28,12 +28,13 @@ sums the slices in order 0, 1, ... into the output: the same bits on every run (
 Offsets are int32 unless an operand spans 2^31 elements or more (`INT64`, chosen per launch).
 """
 import dataclasses
+import itertools
 
 import torch
 import triton
 import triton.language as tl
 
-from ._compile_specs import CompileSpec, register_compile_spec
+from ._compile_specs import CompileSpec, record_launch, register_compile_spec
 from ._launches import count_launch
 
 NONE, SEPARATE, ADD, PREFIX = 0, 1, 2, 3
@@ -43,11 +44,16 @@ NONE, SEPARATE, ADD, PREFIX = 0, 1, 2, 3
 # stream four operands per stage and hold two accumulators, so 128x256 tiles spill and
 # overflow shared memory (kernels/compile_check.py); fp32 tiles take twice the bytes, so their
 # K step and pipeline depth are smaller to fit sm_80's 163 KiB. Without TF32 (`ieee`) the dot
-# runs on FMA units and holds its accumulators in registers, so only tiles that do not spill.
+# runs on FMA units and holds its accumulators in registers, so only a tile that does not
+# spill: 64 x 64, 8 warps, 2 stages (63-128 registers on sm_90 with triton 3.6 and 3.9; with
+# 4 warps 3.6's two-input input gradient took 255 and spilled 8 bytes, with 3 stages 3.9's
+# plain input gradient kept 8 bytes of stack). A 64 x 32 tile with 4 warps spilled 8-16 bytes
+# in the one-input weight gradient (3.9) and the plain input gradient (both). fp32 without
+# TF32 goes to cuBLAS unless the dispatch table says otherwise.
 TILES = {
     "16-bit": [(128, 128, 64, 8, 3), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4)],
     "tf32": [(128, 128, 32, 8, 2), (64, 128, 32, 4, 3), (128, 64, 32, 4, 3), (64, 64, 32, 4, 3)],
-    "ieee": [(64, 64, 32, 4, 3), (64, 32, 32, 4, 3)],
+    "ieee": [(64, 64, 32, 8, 2)],
 }
 GROUP_M = 8
 INTERPRETER_TILES = (32, 32, 32)  # the interpreter's default; MATTA_INTERPRET_TILES pins others
@@ -71,12 +77,15 @@ class LaunchOptions:
     tiles: (BLOCK_M, BLOCK_N, BLOCK_K) to launch instead of autotuning; it must be a tile
         shape of `tile_configs` unless interpreting. None: autotune (interpreter: INTERPRETER_TILES).
     sm_count: the GPU's SM count, for the split-K decision.
+    record: launch nothing and append each launch's `Launch` (what it compiles) here instead
+        (`enumerate_launches`, for compile_check).
     """
 
     precision: str = "ieee"
     interpreting: bool = False
     tiles: tuple | None = None
     sm_count: int = MODEL_SM_COUNT
+    record: list | None = None
 
 
 def tile_configs(element_size, precision):
@@ -134,7 +143,10 @@ def _row_sums(a_ptr, stride_ap, stride_ar, rows, n_rows, lo, hi, BLOCK_K: tl.con
     return total
 
 
-@triton.jit(do_not_specialize=["key_p", "key_q", "key_r"])
+AUTOTUNE_KEYS = ("key_p", "key_q", "key_r")  # never specialised: they only key the autotuner
+
+
+@triton.jit(do_not_specialize=list(AUTOTUNE_KEYS))
 def _nested_matmul_kernel(
     a_ptr, b_ptr, c_ptr, bias_ptr, a2_ptr, b2_ptr, c2_ptr, bias2_ptr, sums_ptr, sums2_ptr,
     P, Q, R, P2, Q2, R2,
@@ -174,33 +186,36 @@ def _nested_matmul_kernel(
     k_hi = tl.minimum(k_lo + chunk, R)
     p1_end = tl.minimum(k_hi, r_split)
 
-    # Phase 1, reduction [0, R2) of a Student-block tile: both products.
-    for r0 in range(k_lo, p1_end, BLOCK_K):
-        rr = r0 + tl.arange(0, BLOCK_K)
-        if INT64:
-            rr = rr.to(tl.int64)
-        a = _load_tile(a_ptr, rows, rr, stride_ap, stride_ar, P, p1_end, INTERPRETING)
-        b = _load_tile(b_ptr, rr, cols, stride_br, stride_bq, p1_end, Q, INTERPRETING)
-        if SUB_MODE == 3:  # PREFIX
-            acc = tl.dot(a, b, acc, input_precision=PRECISION)
-        else:
-            a2 = _load_tile(a2_ptr, rows, rr, stride_a2p, stride_a2r, P2, p1_end, INTERPRETING)
-            if FOLD:
-                if fold_here:
-                    acc = tl.dot(a + a2, b, acc, input_precision=PRECISION)
-                else:  # columns past Q2 in this tile must not see A2
-                    acc = tl.dot(a2, tl.where(cols[None, :] < Q2, b, 0.0).to(b.dtype), acc, input_precision=PRECISION)
-                    acc = tl.dot(a, b, acc, input_precision=PRECISION)
-            else:
-                if SHARE_B:
-                    b2 = b
-                else:
-                    b2 = _load_tile(b2_ptr, rr, cols, stride_b2r, stride_b2q, p1_end, Q2, INTERPRETING)
-                if SUB_MODE == 1:  # SEPARATE
-                    acc2 = tl.dot(a2, b2, acc2, input_precision=PRECISION)
-                else:  # ADD
-                    acc = tl.dot(a2, b2, acc, input_precision=PRECISION)
+    # Phase 1, reduction [0, R2) of a Student-block tile: both products (a plain product,
+    # SUB_MODE NONE, has none: compiled without it, it holds fewer registers).
+    if SUB_MODE != 0:
+        for r0 in range(k_lo, p1_end, BLOCK_K):
+            rr = r0 + tl.arange(0, BLOCK_K)
+            if INT64:
+                rr = rr.to(tl.int64)
+            a = _load_tile(a_ptr, rows, rr, stride_ap, stride_ar, P, p1_end, INTERPRETING)
+            b = _load_tile(b_ptr, rr, cols, stride_br, stride_bq, p1_end, Q, INTERPRETING)
+            if SUB_MODE == 3:  # PREFIX
                 acc = tl.dot(a, b, acc, input_precision=PRECISION)
+            else:
+                a2 = _load_tile(a2_ptr, rows, rr, stride_a2p, stride_a2r, P2, p1_end, INTERPRETING)
+                if FOLD:
+                    if fold_here:
+                        acc = tl.dot(a + a2, b, acc, input_precision=PRECISION)
+                    else:  # columns past Q2 in this tile must not see A2
+                        b_s = tl.where(cols[None, :] < Q2, b, 0.0).to(b.dtype)
+                        acc = tl.dot(a2, b_s, acc, input_precision=PRECISION)
+                        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+                else:
+                    if SHARE_B:
+                        b2 = b
+                    else:
+                        b2 = _load_tile(b2_ptr, rr, cols, stride_b2r, stride_b2q, p1_end, Q2, INTERPRETING)
+                    if SUB_MODE == 1:  # SEPARATE
+                        acc2 = tl.dot(a2, b2, acc2, input_precision=PRECISION)
+                    else:  # ADD
+                        acc = tl.dot(a2, b2, acc, input_precision=PRECISION)
+                    acc = tl.dot(a, b, acc, input_precision=PRECISION)
     if SUB_MODE == 3:
         acc2 = acc
 
@@ -261,9 +276,13 @@ def _split_k_reduce_kernel(parts_ptr, out_ptr, n, SPLITS, BLOCK: tl.constexpr):
     tl.store(out_ptr + offs, total.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def _split_k_reduce(parts, out, splits):
+def _split_k_reduce(parts, out, splits, options):
     """Sum `splits` equal slices of the flat fp32 `parts` into the contiguous `out`."""
     n = out.numel()
+    if options.record is not None:
+        options.record.append(record_launch(_split_k_reduce_kernel, (parts, out, n, splits), {"BLOCK": REDUCE_BLOCK},
+                                            num_warps=4))
+        return
     count_launch("nested_linear.split_k_reduce")
     _split_k_reduce_kernel[(triton.cdiv(n, REDUCE_BLOCK),)](parts, out, n, splits, BLOCK=REDUCE_BLOCK, num_warps=4)
 
@@ -348,19 +367,27 @@ def nested_matmul(a, b, out, *, options, bias=None, sub_mode=NONE, sub_shape=(0,
     def grid(meta):
         return (triton.cdiv(P, meta["BLOCK_M"]) * triton.cdiv(Q, meta["BLOCK_N"]), split_k)
 
-    count_launch("nested_linear.matmul")
     pinned = _pinned_launch_options(options, a.element_size())
-    if pinned is None:
+    if options.record is not None:  # what each config the autotuner may pick would compile
+        unused = [name for name, t in (("bias_ptr", bias), ("bias2_ptr", bias2), ("sums_ptr", sums),
+                                       ("sums2_ptr", sums2)) if t is None]
+        for m, n, k, warps, stages in [pinned] if pinned else tile_configs(a.element_size(), options.precision):
+            options.record.append(record_launch(
+                _nested_matmul_kernel, args, {**flags, "BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": GROUP_M},
+                unused=unused, do_not_specialize=AUTOTUNE_KEYS, num_warps=warps, num_stages=stages))
+    elif pinned is None:
+        count_launch("nested_linear.matmul")
         _nested_matmul_tuned[grid](*args, **flags)
     else:
         m, n, k, warps, stages = pinned
+        count_launch("nested_linear.matmul")
         count_launch(f"nested_linear.matmul.{m}x{n}x{k}")
         _nested_matmul_kernel[grid](*args, **flags, BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, GROUP_M=GROUP_M,
                                     num_warps=warps, num_stages=stages)
     if split_k > 1:
         for target, part in zip((out, out2, row_sums, row_sums2), parts):
             if target is not None:
-                _split_k_reduce(part, target, split_k)
+                _split_k_reduce(part, target, split_k, options)
 
 
 def _poisoned(shape, like, dtype, options):
@@ -469,6 +496,41 @@ def nested_linear_backward(grad_s, grad_ta, x_s, x_ta, weight, student_weight, n
     return dx_s, dx_ta, dw, db, dws, dbs
 
 
+def enumerate_launches() -> list:
+    """Every configuration the launchers above can launch on ordinary shapes (sizes and strides
+    multiples of 16, 32-bit offsets), as `Launch`es: the forward and backward of every layer
+    kind (shared or unshared Student, one or two inputs, with and without each bias), every set
+    of gradients the op can ask for, with and without split-K, in every operand kind, each with
+    every tile config the autotuner may pick. Nothing runs: the tensors are on the meta device
+    and the launches are only recorded."""
+    t, n_s, n_ta, m_s, m_ta = 4096, 128, 256, 64, 192
+    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+    launches = []
+    for dtype_name, _, precision in _KINDS:
+        def meta(*shape, dtype=dtypes[dtype_name]):
+            return torch.empty(shape, dtype=dtype, device="meta")
+
+        for sm_count in (1, 10**6):  # split-K never, and wherever the token count allows it
+            options = LaunchOptions(precision=precision, sm_count=sm_count, record=launches)
+            for shared, one_input, has_bias, has_student_bias in itertools.product((True, False), repeat=4):
+                if shared and has_student_bias:
+                    continue  # a shared Student's bias is bias[:N_S]
+                weight, x_ta = meta(n_ta, m_ta), meta(t, m_ta)
+                x_s = x_ta if one_input else meta(t, m_s)
+                bias = meta(n_ta) if has_bias else None
+                student_weight = None if shared else meta(n_s, m_s)
+                student_bias = meta(n_s) if has_student_bias else None
+                nested_linear_forward(x_s, x_ta, weight, bias, student_weight, student_bias, n_s, m_s, one_input,
+                                      options)
+                possible = (not one_input, True, True, has_bias, not shared, has_student_bias)  # as the op asks
+                for needs in itertools.product((False, True), repeat=6):
+                    if any(need and not can for need, can in zip(needs, possible)):
+                        continue
+                    nested_linear_backward(meta(t, n_s), meta(t, n_ta), x_s, x_ta, weight, student_weight, n_s, m_s,
+                                           one_input, needs, options)
+    return launches
+
+
 # Operand kinds: (Triton dtype, element size, precision of tl.dot).
 _KINDS = (("bf16", 2, "ieee"), ("fp16", 2, "ieee"), ("fp32", 4, "tf32"), ("fp32", 4, "ieee"))
 
@@ -477,7 +539,10 @@ def _register_compile_specs():
     """The launchable variants with every tile set, specialised as the JIT specialises them on
     ordinary shapes: unit strides and a split count of 1 become constants, other sizes and
     strides multiples of 16. Weight gradients are built with and without split-K, 64-bit
-    offsets with the largest tile."""
+    offsets with the largest tile. Each variant is built with its biases and row sums: the
+    launches without them are the same code less its epilogue (`CompileSpec.epilogue_flags`).
+    `enumerate_launches` lists what the launchers launch; compile_check fails on any launch
+    no spec covers."""
     pointers = ("a_ptr", "b_ptr", "c_ptr", "bias_ptr", "a2_ptr", "b2_ptr", "c2_ptr", "bias2_ptr")
     sizes = ("P", "Q", "R", "P2", "Q2", "R2")
     strides = ("stride_ap", "stride_ar", "stride_br", "stride_bq", "stride_cp", "stride_cq",
@@ -491,26 +556,34 @@ def _register_compile_specs():
     }
     add = dict(SUB_MODE=ADD, HAS_BIAS=False, HAS_BIAS2=False)
     separate = dict(SUB_MODE=SEPARATE, FOLD=False)
-    variants = {  # name: (kind of product, flags)
+    plain = dict(SUB_MODE=NONE, FOLD=False, SHARE_B=True, HAS_BIAS=False, HAS_BIAS2=False)
+    variants = {  # name: (kind of product, flags); every path of nested_linear_forward/backward
         "forward_two_inputs": ("forward", dict(separate, SHARE_B=True, HAS_BIAS=True, HAS_BIAS2=True)),
         "forward_one_input": ("forward", dict(SUB_MODE=PREFIX, FOLD=False, SHARE_B=True, HAS_BIAS=True,
                                               HAS_BIAS2=True)),
         "forward_unshared": ("forward", dict(separate, SHARE_B=False, HAS_BIAS=True, HAS_BIAS2=True)),
         "grad_input_two_inputs": ("grad_input", dict(separate, SHARE_B=True, HAS_BIAS=False, HAS_BIAS2=False)),
+        "grad_input_two_inputs_unshared": ("grad_input", dict(separate, SHARE_B=False, HAS_BIAS=False,
+                                                              HAS_BIAS2=False)),
         "grad_input_folded": ("grad_input", dict(add, FOLD=True, SHARE_B=True)),
+        "grad_input_one_input_unshared": ("grad_input", dict(add, FOLD=False, SHARE_B=False)),
+        "grad_input_plain": ("grad_input", plain),  # one stream's input gradient alone
         "grad_weight_shared": ("grad_weight", dict(add, FOLD=False, SHARE_B=False, ROW_SUMS=True, ROW_SUMS2=True)),
+        "grad_weight_shared_one_input": ("grad_weight", dict(add, FOLD=True, SHARE_B=True, ROW_SUMS=True,
+                                                             ROW_SUMS2=True)),
         "grad_weight_unshared": ("grad_weight", dict(separate, SHARE_B=False, HAS_BIAS=False, HAS_BIAS2=False,
                                                      ROW_SUMS=True, ROW_SUMS2=True)),
+        "grad_weight_plain": ("grad_weight", dict(plain, ROW_SUMS=True)),  # one weight's gradient alone
     }
     for dtype, element_size, precision in _KINDS:
         configs = tile_configs(element_size, precision)
-        # fp16 builds bf16's code with another element type: its split-K and 64-bit variants
-        # are left to bf16's; fp32 without TF32 (off the default path) gets no 64-bit build.
-        extra = dtype != "fp16"
         for name, (kind, flags) in variants.items():
-            for split in (False, True) if kind == "grad_weight" and extra else (False,):
+            for split in (False, True) if kind == "grad_weight" else (False,):
                 for config in configs:
-                    int64_too = extra and precision == ("tf32" if dtype == "fp32" else "ieee") and config == configs[0]
+                    # 64-bit offsets: the largest tile of the default kinds (fp16 builds bf16's
+                    # code; fp32 without TF32 is off the default path).
+                    int64_too = dtype != "fp16" and precision == ("tf32" if dtype == "fp32" else "ieee") \
+                        and config == configs[0]
                     for int64 in (False, True) if int64_too else (False,):
                         _register_nested_matmul_spec(
                             name + ("_split_k" if split else ""), dtype, precision, config, flags, unit[kind],
@@ -552,6 +625,7 @@ def _register_nested_matmul_spec(name, dtype, precision, config, flags, unit_str
         options={"num_warps": warps, "num_stages": stages},
         uses_dot=precision == "tf32" or dtype != "fp32",  # an ieee fp32 dot runs on FMA units
         divisible=pointers + ("sums_ptr", "sums2_ptr") + tuple(a for a in sizes + strides if a not in unit_strides),
+        epilogue_flags=("HAS_BIAS", "HAS_BIAS2", "ROW_SUMS", "ROW_SUMS2"),
     ))
 
 

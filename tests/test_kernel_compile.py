@@ -56,6 +56,51 @@ def test_an_sm90_spill_fails_the_check():
     assert "spills" in result["error"] and "sm_90" in result["error"]
 
 
+def test_every_launchable_configuration_is_registered():
+    """What the nested-linear launchers can launch (every layer kind, gradient set, split-K and
+    operand kind, each autotuner tile) against the registered specs: each launch is covered,
+    and taking a variant out of the registry shows up as uncovered launches."""
+    pytest.importorskip("triton")
+    from matta.kernels import COMPILE_SPECS, compile_check
+    import matta.kernels.nested_linear as nested_linear
+
+    launches = nested_linear.enumerate_launches()
+    assert len(set(launches)) > 200
+    assert compile_check.unregistered_launches(COMPILE_SPECS) == []
+    # The one-input shared weight gradient (FOLD, SHARE_B, row sums) and the unshared one-input
+    # input gradient (a separate B2) are among the launches.
+    flags = [dict(launch.constexprs) for launch in launches]
+    assert any(f["SUB_MODE"] == nested_linear.ADD and f["FOLD"] and f["SHARE_B"] and f["ROW_SUMS"] for f in flags)
+    assert any(f["SUB_MODE"] == nested_linear.ADD and not f["FOLD"] and not f["SHARE_B"] and not f["ROW_SUMS"]
+               and f.get("stride_ar") == 1 for f in flags)
+    for dropped in ("grad_weight_shared_one_input.", "grad_input_one_input_unshared.", "grad_weight_plain_split_k.bf16"):
+        kept = [s for s in COMPILE_SPECS if f".{dropped}" not in s.name]
+        assert len(kept) < len(COMPILE_SPECS)
+        assert compile_check.unregistered_launches(kept), dropped
+
+
+def test_a_spec_covers_launches_without_its_epilogue_only():
+    """A bias-and-row-sums build stands for the launches without them, not the reverse, and
+    never for another tile or operand type."""
+    pytest.importorskip("triton")
+    from matta.kernels import COMPILE_SPECS
+    import matta.kernels.nested_linear as nested_linear
+
+    spec = next(s for s in COMPILE_SPECS if s.name.startswith("nested_linear.grad_weight_shared.bf16.128x128x64"))
+    launch = next(l for l in nested_linear.enumerate_launches() if spec.covers(l))
+    values = dict(launch.constexprs)
+
+    def variant(**changes):
+        return dataclasses.replace(launch, constexprs=tuple(sorted({**values, **changes}.items())))
+
+    assert spec.covers(variant(ROW_SUMS=False, ROW_SUMS2=False))
+    assert not spec.covers(variant(FOLD=True)) and not spec.covers(variant(BLOCK_K=32))
+    assert not spec.covers(dataclasses.replace(launch, num_stages=4))
+    assert not spec.covers(dataclasses.replace(launch, pointer_types=(("a_ptr", "*fp16"),)))
+    no_sums = dataclasses.replace(spec, constexprs={**spec.constexprs, "ROW_SUMS": False})
+    assert not no_sums.covers(variant(ROW_SUMS=True))
+
+
 def test_occupancy_model():
     from matta.kernels.compile_check import H100, blocks_per_sm, report_problems
 
