@@ -9,6 +9,7 @@ found by bisection on the CDF, so no SciPy is needed.
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Sequence
@@ -97,6 +98,7 @@ def chi2_cdf(x: float, df: int) -> float:
     return min(1.0, math.exp(a * math.log(y) - y - math.lgamma(a)) * total)
 
 
+@functools.lru_cache(maxsize=256)  # intervals of many samples of one size share their quantiles
 def chi2_quantile(p: float, df: int) -> float:
     """The p-quantile of the chi-square distribution with `df` degrees of freedom."""
     _check_p(p)
@@ -148,6 +150,7 @@ def f_cdf(x: float, d1: int, d2: int) -> float:
     return beta_inc(d1 / 2.0, d2 / 2.0, d1 * x / (d1 * x + d2))
 
 
+@functools.lru_cache(maxsize=256)
 def f_quantile(p: float, d1: int, d2: int) -> float:
     """The p-quantile of Snedecor's F with (d1, d2) degrees of freedom."""
     _check_p(p)
