@@ -10,7 +10,7 @@ Layout of DIR:
     study.json                the settings (checked on resume), chosen learning rates, sweep
     runs/ARM/seedS-lrLR/      one `matta train` run directory per arm, seed and learning rate
     runs/ARM/seedS-lrLR.log   its output; seedS-lrLR.wall.json: its wall time (all segments)
-    RESULTS.md, study.png     the report
+    RESULTS.md, study.png     the report (and grid.json, every run's metrics, with --lr-sweep per-arm)
 
 Fairness between arms: every arm of a seed trains the same nested model (the trainer seeds
 the model's initialisation and the data order with --seed; --mode only changes the loss
