@@ -107,10 +107,12 @@ class StudyData:
         return parse_arm(arm).kind.mode
 
     def grid_values(self, arm: str) -> dict[float, dict[int, float]]:
-        """{lr: {seed: metric of the arm's scored model}} over the finished runs of the grid."""
+        """{lr: {seed: metric of the arm's scored model}} over the finished runs, for every rate
+        of the arm's grid (an empty dict for a rate with none finished)."""
         spec = scored_spec(parse_arm(arm))
-        return {lr: {s: float(r.models[spec][self.metric]) for s, r in seeds.items()}
-                for lr, seeds in self.grid.get(arm, {}).items()}
+        finished = self.grid.get(arm, {})
+        return {float(lr): {s: float(r.models[spec][self.metric]) for s, r in finished.get(float(lr), {}).items()}
+                for lr in self.state.get("grid", {}).get(arm, {})}
 
     def picked(self, rate_of) -> "StudyData":
         """The same study with the runs of `rate_of(arm, seed)` (None: that seed is left out)."""

@@ -288,6 +288,9 @@ def test_per_arm_choice_uses_only_seeds_finished_at_every_rate(tmp_path, monkeyp
     assert study.arm_lr == {"student-adamw": 0.003}  # seed 0 alone: 4.8 < 4.9
     data = load_study(tmp_path / "s")
     assert report.arm_rates(data) == {"student-adamw": 0.003}
+    # A rate with no finished run leaves the arm without a choice, in the study and in its report.
+    fake_grid_study(tmp_path / "t", values, seeds=1, missing={("student-adamw", 0.003, 0)})
+    assert report.arm_rates(load_study(tmp_path / "t")) == {}
     assert sorted(data.missing) == [("student-adamw lr 0.003", 1), ("student-adamw lr 0.003", 2)]
     assert "## Unfinished runs" in write_report(tmp_path / "s").read_text()
 
