@@ -571,7 +571,8 @@ def grid_lines(data: StudyData) -> list[str]:
     lines += ["", "Selection bias: the own-best rate is the best of the grid on the very seeds it is then reported on, "
               "so its mean is optimistic by about the luck of that choice, and more so for an arm whose seeds vary "
               "more. Leaving each seed out of its own choice removes the bias from that seed's number; per arm, the "
-              "own-best mean minus the mean with the rate chosen on the other seeds:", ""]
+              "own-best mean minus the mean with the rate chosen on the other seeds (negative: the own-best reading "
+              "is optimistic by that much):", ""]
     held_out = data.picked(lambda arm, seed: held_out_rate(data, arm, seed))
     for arm in (a for a in data.state["arms"] if a in chosen):
         spec = scored_spec(parse_arm(arm))
