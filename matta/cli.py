@@ -312,7 +312,7 @@ def cmd_study(args) -> int:
 
 
 def _add_study_flags(p: argparse.ArgumentParser) -> None:
-    from .study import PRESETS, TASKS
+    from .study import LR_SWEEPS, PRESETS, TASKS
 
     p.add_argument("--preset", default="tiny", choices=list(PRESETS), help="model, data and budget (default: tiny, a CPU)")
     p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 per arm (default 3)")
@@ -327,6 +327,9 @@ def _add_study_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--task", default="lm", choices=list(TASKS), help="lm (validation loss) or classify (AucLoss)")
     p.add_argument("--teacher", default=None, help="a Teacher for the teacher-* arms (run directory or HF GPT-2 folder)")
     p.add_argument("--lr", default=None, help="fixed rates instead of the sweep: adamw=3e-3,shampoo=1e-3")
+    p.add_argument("--lr-sweep", default="student", choices=list(LR_SWEEPS),
+                   help="student (default): the best rate of the Student alone on seed 0, for every arm; per-arm: "
+                        "every arm and seed at every rate, each arm at its best mean over the seeds")
     p.add_argument("--quick", action="store_true", help="a plumbing check in a few steps of a very small model; claims nothing")
     p.add_argument("--jobs", type=int, default=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1,
                    help="runs side by side (default: the CPU cores)")

@@ -10,13 +10,19 @@ Layout of DIR:
     study.json                the settings (checked on resume), chosen learning rates, sweep
     runs/ARM/seedS-lrLR/      one `matta train` run directory per arm, seed and learning rate
     runs/ARM/seedS-lrLR.log   its output; seedS-lrLR.wall.json: its wall time (all segments)
-    RESULTS.md, study.png     the report
+    RESULTS.md, study.png     the report (and grid.json, every run's metrics, with --lr-sweep per-arm)
 
 Fairness between arms: every arm of a seed trains the same nested model (the trainer seeds
 the model's initialisation and the data order with --seed; --mode only changes the loss
 weights), so the shared weights start identical and the batches come in the same order;
-RESULTS.md checks this from the first logged loss of each run. Learning rates: a small sweep
-per optimizer on the Student-alone arm of seed 0 only, reused for every arm and seed.
+RESULTS.md checks this from the first logged loss of each run.
+
+Learning rates (--lr-sweep): `student` (the default) sweeps a small grid per optimizer on the
+Student-alone arm of seed 0 only and reuses the best rate for every arm and seed; `per-arm`
+trains every arm and seed at every rate of the grid and gives each arm the rate with the
+lowest mean over the seeds (`best_rate`), so that no arm is judged at a rate tuned for
+another (the report reads the study both ways: the per-arm runs hold the Student-alone sweep
+of seed 0).
 
 A killed study resumes: a run with results.json is finished and never redone, a run with a
 checkpoint continues from it (`matta train --resume`), any other run starts over.
@@ -39,6 +45,7 @@ from pathlib import Path
 from ._atomic import write_json_atomic
 
 OPTIMIZERS = ("adamw", "shampoo")
+LR_SWEEPS = ("student", "per-arm")
 TASKS = {"lm": "val_loss", "classify": "auc_loss"}  # the metric each task's arms are scored by
 
 
@@ -190,6 +197,7 @@ QUICK_FLAGS = _train_flags("gpt2-tiny", 96, 2, 32, 4, 2048, 2, "--n-layer", "2",
 QUICK_STEPS = 4
 QUICK_DATA = "builtin"
 QUICK_DATA_FLAGS = ("--tokenizer", "bytes")
+QUICK_PER_ARM_GRID = (3e-3, 1e-2)  # --quick --lr-sweep per-arm: two rates, so that there is a choice
 
 
 # ----------------------------------------------------------------------------------------
@@ -211,6 +219,7 @@ class StudySettings:
     lrs: dict  # optimizer -> fixed learning rate (no sweep), from --lr
     device: str
     threads: int
+    lr_sweep: str = "student"
 
     def budget_flags(self) -> tuple[str, ...]:
         return ("--tokens", str(self.tokens)) if self.tokens is not None else ("--max-steps", str(self.steps))
@@ -228,7 +237,7 @@ class StudySettings:
         if optimizer in self.lrs:
             return (self.lrs[optimizer],)
         if self.quick:
-            return (3e-3,)
+            return QUICK_PER_ARM_GRID if self.lr_sweep == "per-arm" else (3e-3,)
         return tuple(PRESETS[self.preset].lr_grid[optimizer])
 
     def invariant(self) -> dict:
@@ -236,6 +245,8 @@ class StudySettings:
         d = dataclasses.asdict(self)
         d.pop("seeds")
         d.pop("threads")
+        if d["lr_sweep"] == "student":  # studies made before --lr-sweep existed resume unchanged
+            d.pop("lr_sweep")
         return d
 
 
@@ -306,6 +317,9 @@ def job_for(settings: StudySettings, out: Path, arm: Arm, seed: int, lr: float, 
 
 # ----------------------------------------------------------------------------------------
 # Running jobs side by side
+
+# The costliest runs first, so that side-by-side jobs end together.
+RUN_COST = {"matta": 3, "ta": 2, "student": 1}
 
 
 class Runner:
@@ -428,6 +442,23 @@ def metric_of(run_dir: Path, spec: str, metric: str) -> float:
     raise StudyError(f"{run_dir}/results.json has no model {spec!r}")
 
 
+def scored_spec(arm: Arm) -> str:
+    """The model an arm is judged by: its Student, or the TA of a TA-alone arm."""
+    return "ta" if arm.kind.mode == "ta" else "student"
+
+
+def best_rate(results: dict, seeds=None) -> float | None:
+    """results: {lr: {seed: metric}}. The rate with the lowest mean metric over the seeds that
+    finished at every rate (or over `seeds`, when given), ties to the smaller rate; None when no
+    such seed exists."""
+    common = set.intersection(*(set(v) for v in results.values())) if results else set()
+    if seeds is not None:
+        common &= set(seeds)
+    if not common:
+        return None
+    return min(results, key=lambda lr: (sum(results[lr][s] for s in common) / len(common), lr))
+
+
 def flops_per_token(run_dir: Path, mode: str) -> float:
     """Training FLOPs per token of a run's model when trained in `mode` (the model's count)."""
     from .train.run_dir import load_run
@@ -452,6 +483,8 @@ class Study:
     chosen_lr: dict = field(default_factory=dict)
     sweep: dict = field(default_factory=dict)  # optimizer -> {lr: Student metric} (seed 0)
     runs: dict = field(default_factory=dict)  # arm name -> {seed: run_dir}
+    grid: dict = field(default_factory=dict)  # --lr-sweep per-arm: arm name -> {lr: {seed: run_dir}}
+    arm_lr: dict = field(default_factory=dict)  # --lr-sweep per-arm: arm name -> its best rate
     failed: list = field(default_factory=list)
     data_provenance: dict = field(default_factory=dict)
     load_at_start: str = field(default_factory=lambda: ", ".join(f"{x:.2f}" for x in os.getloadavg()))
@@ -485,6 +518,9 @@ class Study:
             "chosen_lr": self.chosen_lr,
             "sweep": {opt: {lr_tag(lr): v for lr, v in d.items()} for opt, d in self.sweep.items()},
             "runs": {arm: {str(s): str(p.relative_to(self.out)) for s, p in d.items()} for arm, d in self.runs.items()},
+            "grid": {arm: {lr_tag(lr): {str(s): str(p.relative_to(self.out)) for s, p in d.items()}
+                           for lr, d in rates.items()} for arm, rates in self.grid.items()},
+            "arm_lr": self.arm_lr,
             "failed": [str(p) for p in self.failed],
             "data_provenance": self.data_provenance,
             "load_at_start": self.load_at_start,
@@ -501,8 +537,11 @@ class Study:
         in_main_thread = threading.current_thread() is threading.main_thread()
         previous = signal.signal(signal.SIGTERM, _raise_interrupt) if in_main_thread else None
         try:
-            self._sweep(runner)
-            self._arms(runner)
+            if self.settings.lr_sweep == "per-arm":
+                self._per_arm(runner)
+            else:
+                self._sweep(runner)
+                self._arms(runner)
         finally:
             if in_main_thread:
                 signal.signal(signal.SIGTERM, previous)
@@ -538,10 +577,8 @@ class Study:
         """Every arm and seed; the compute-matched Student last, as its budget is measured on
         a finished run of the study."""
         matched = [a for a in self.arms if a.kind.name == "student-flops"]
-        # The costliest runs first, so that side-by-side jobs end together.
-        cost = {"matta": 3, "ta": 2, "student": 1}
         jobs = [self._job(arm, seed) for seed in range(self.settings.seeds) for arm in self.arms if arm not in matched]
-        jobs.sort(key=lambda j: (j.seed, -cost[j.arm.kind.mode]))
+        jobs.sort(key=lambda j: (j.seed, -RUN_COST[j.arm.kind.mode]))
         self.save_state()
         runner.run_all(jobs)
         if matched:
@@ -549,6 +586,38 @@ class Study:
             jobs = [self._job(arm, seed, steps) for seed in range(self.settings.seeds) for arm in matched]
             self.save_state()
             runner.run_all(jobs)
+
+    def _per_arm(self, runner: Runner) -> None:
+        """Every arm and seed at every rate of its optimizer's grid, seed by seed (a study cut
+        short holds the whole grid on its first seeds); then each arm's best rate."""
+        jobs = [job_for(self.settings, self.out, arm, seed, lr)
+                for seed in range(self.settings.seeds) for arm in self.arms for lr in self.settings.lr_grid(arm.optimizer)]
+        jobs.sort(key=lambda j: (j.seed, -RUN_COST[j.arm.kind.mode]))
+        for job in jobs:
+            self.grid.setdefault(job.arm.name, {}).setdefault(job.lr, {})[job.seed] = job.run_dir
+        self.save_state()
+        try:
+            runner.run_all(jobs)
+        finally:
+            self._choose_per_arm()
+
+    def _choose_per_arm(self) -> None:
+        """Each arm's best rate over its finished runs (`runs` then holds the runs at it), and the
+        rate the default sweep would have chosen: the Student alone's best on seed 0."""
+        for arm in self.arms:
+            results = {lr: {s: metric_of(p, scored_spec(arm), self.metric) for s, p in d.items()
+                            if (p / "results.json").is_file()} for lr, d in self.grid[arm.name].items()}
+            best = best_rate(results)
+            if best is None:
+                continue
+            self.arm_lr[arm.name] = best
+            self.runs[arm.name] = dict(self.grid[arm.name][best])
+            self.log(f"matta study: {arm.name}: learning rate {lr_tag(best)} (mean over "
+                     f"{len(set.intersection(*(set(v) for v in results.values())))} seed(s))")
+            if arm.kind.name == "student" and all(0 in v for v in results.values()):
+                self.sweep[arm.optimizer] = {lr: v[0] for lr, v in results.items()}
+                self.chosen_lr[arm.optimizer] = min(results, key=lambda lr: (results[lr][0], lr))
+        self.save_state()
 
     def _job(self, arm: Arm, seed: int, steps: int | None = None) -> Job:
         job = job_for(self.settings, self.out, arm, seed, self.chosen_lr[arm.optimizer], steps)
@@ -615,6 +684,11 @@ def run_from_args(args, log=print) -> Study:
         raise StudyError("give --steps or --tokens, not both")
     if (args.steps is not None and args.steps < 1) or (args.tokens is not None and args.tokens < 1):
         raise StudyError("--steps and --tokens must be at least 1")
+    lr_sweep = getattr(args, "lr_sweep", "student")
+    if lr_sweep not in LR_SWEEPS:
+        raise StudyError(f"--lr-sweep must be one of {', '.join(LR_SWEEPS)}, got {lr_sweep!r}")
+    if lr_sweep == "per-arm" and args.lr:
+        raise StudyError("--lr fixes the rates, --lr-sweep per-arm sweeps them; give one of the two")
     if args.task not in TASKS:
         raise StudyError(f"--task must be one of {', '.join(TASKS)}, got {args.task!r}")
     preset = PRESETS[args.preset]
@@ -628,8 +702,11 @@ def run_from_args(args, log=print) -> Study:
     data = "relevance (synthetic)" if classify else args.data or (QUICK_DATA if args.quick else preset.data)
     settings = StudySettings(args.preset, args.seeds, steps, args.tokens, data, args.task, bool(args.quick),
                              str(Path(args.teacher).resolve()) if args.teacher else None, parse_lrs(args.lr),
-                             args.device, args.threads)
+                             args.device, args.threads, lr_sweep)
     arms = parse_arms(args.arms, settings.teacher)
+    if lr_sweep == "per-arm" and any(a.kind.name == "student-flops" for a in arms):
+        raise StudyError("--lr-sweep per-arm does not take the student-flops-* arms (their budget comes from a "
+                         "finished run at the shared rate); run them in a study with the default sweep")
     out = Path(args.out)
     command = "matta study " + " ".join(getattr(args, "argv", []) or [])
     study = Study(settings, arms, out, args.jobs, command.strip(), log)

@@ -9,9 +9,19 @@ t-interval (seeds are the pairs: same initialisation and data order), and the ch
 A claim of the paper "held" only when its interval lies entirely on the paper's side of
 zero; otherwise it is "not supported at this budget". With one seed there is no interval
 and nothing is claimed. A --quick study claims nothing at all.
+
+Stability: per arm, the seed spread (sample std) with a chi-square interval, and the runs
+that end far from their arm's median; the claim "MatTA stabilises training" is the ratio of
+the MatTA Student's spread to the Student alone's, held only when its F-interval lies below 1.
+
+A --lr-sweep per-arm study is read three ways: every arm at its own best rate (the mean over
+all seeds, as `matta.study.best_rate` chose it), every arm at the shared rate (the Student
+alone's best on seed 0, the default sweep's choice), and with the rate of each seed chosen on
+the other seeds (leave one seed out), which carries no selection bias into that seed's number.
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import math
@@ -20,10 +30,16 @@ import platform
 from dataclasses import dataclass
 from pathlib import Path
 
-from .stats import Interval, mean_interval, mean_std, paired_interval
-from .study import flops_per_token, parse_arm, read_json, run_results
+from ._atomic import write_json_atomic, write_text_atomic
+from .stats import Interval, mean_interval, mean_std, paired_interval, spread_ratio_interval, std_interval
+from .study import best_rate, flops_per_token, lr_tag, parse_arm, read_json, run_results, scored_spec
 
 LEVEL = 0.95
+# A run is "far" from its arm's median beyond this many robust standard deviations of the
+# study's ordinary seed noise (1.4826 x the median absolute deviation from the arm medians,
+# pooled over every arm, so that an arm's own bad seeds cannot widen the yardstick they are
+# measured by). For normal noise, 4 of them is passed by about 1 run in 10,000.
+FAR_SIGMAS = 4.0
 
 
 # ----------------------------------------------------------------------------------------
@@ -69,7 +85,8 @@ class StudyData:
     state: dict
     metric: str
     runs: dict  # arm -> {seed: RunInfo}
-    missing: list  # (arm, seed) without results
+    missing: list  # (arm, seed) without results (and the rate, "arm lr LR", in a per-arm sweep)
+    grid: dict = dataclasses.field(default_factory=dict)  # --lr-sweep per-arm: arm -> {lr: {seed: RunInfo}}
 
     @property
     def quick(self) -> bool:
@@ -89,13 +106,42 @@ class StudyData:
     def mode(self, arm: str) -> str:
         return parse_arm(arm).kind.mode
 
+    def grid_values(self, arm: str) -> dict[float, dict[int, float]]:
+        """{lr: {seed: metric of the arm's scored model}} over the finished runs, for every rate
+        of the arm's grid (an empty dict for a rate with none finished)."""
+        spec = scored_spec(parse_arm(arm))
+        finished = self.grid.get(arm, {})
+        return {float(lr): {s: float(r.models[spec][self.metric]) for s, r in finished.get(float(lr), {}).items()}
+                for lr in self.state.get("grid", {}).get(arm, {})}
+
+    def picked(self, rate_of) -> "StudyData":
+        """The same study with the runs of `rate_of(arm, seed)` (None: that seed is left out)."""
+        runs = {}
+        for arm, rates in self.grid.items():
+            for seed in sorted({s for seeds in rates.values() for s in seeds}):
+                lr = rate_of(arm, seed)
+                if lr is not None and seed in rates.get(lr, {}):
+                    runs.setdefault(arm, {})[seed] = rates[lr][seed]
+        return dataclasses.replace(self, runs=runs)
+
 
 def load_study(out) -> StudyData:
     out = Path(out)
     state = read_json(out / "study.json")
     if state is None:
         raise FileNotFoundError(f"{out} holds no study.json; run `matta study --out {out}` first")
-    runs, missing = {}, []
+    runs, missing, grid = {}, [], {}
+    if state.get("grid"):  # --lr-sweep per-arm: every rate, each arm read at its best (chosen here, from the runs)
+        for arm, rates in state["grid"].items():
+            for lr, seeds in rates.items():
+                for seed, rel in seeds.items():
+                    if (out / rel / "results.json").is_file():
+                        grid.setdefault(arm, {}).setdefault(float(lr), {})[int(seed)] = read_run(arm, int(seed), out / rel)
+                    else:
+                        missing.append((f"{arm} lr {lr}", int(seed)))
+        data = StudyData(out, state, state["metric"], {}, missing, grid)
+        rates = arm_rates(data)
+        return data.picked(lambda arm, seed: rates.get(arm))
     for arm, seeds in state.get("runs", {}).items():
         for seed, rel in seeds.items():
             run_dir = out / rel
@@ -104,6 +150,33 @@ def load_study(out) -> StudyData:
             else:
                 missing.append((arm, int(seed)))
     return StudyData(out, state, state["metric"], runs, missing)
+
+
+# ----------------------------------------------------------------------------------------
+# The rates of a per-arm sweep
+
+
+def arm_rates(data: StudyData) -> dict[str, float]:
+    """Each arm's best rate: the lowest mean over the seeds finished at every rate."""
+    rates = {arm: best_rate(data.grid_values(arm)) for arm in data.grid}
+    return {arm: lr for arm, lr in rates.items() if lr is not None}
+
+
+def shared_rates(data: StudyData) -> dict[str, float]:
+    """The default sweep's rate for every arm: its optimizer's Student alone, best on seed 0."""
+    out = {}
+    for arm in data.grid:
+        seed0 = {lr: v[0] for lr, v in data.grid_values(f"student-{parse_arm(arm).optimizer}").items() if 0 in v}
+        if seed0 and len(seed0) == len(data.grid[arm]):
+            out[arm] = min(seed0, key=lambda lr: (seed0[lr], lr))
+    return out
+
+
+def held_out_rate(data: StudyData, arm: str, seed: int) -> float | None:
+    """The arm's best rate chosen on every seed but `seed` (None: no other seed has every rate)."""
+    values = data.grid_values(arm)
+    others = {s for v in values.values() for s in v} - {seed}
+    return best_rate(values, others) if others else None
 
 
 # ----------------------------------------------------------------------------------------
@@ -150,6 +223,17 @@ def fmt_iv(iv: Interval | None, digits: int = 4) -> str:
     if iv.low is None:
         return f"{iv.mean:+.{digits}f} (n=1)"
     return f"{iv.mean:+.{digits}f} [{iv.low:+.{digits}f}, {iv.high:+.{digits}f}]"
+
+
+def spread_ratio_verdict(ratio) -> str:
+    """For the claim "a is less spread than b" and the interval of s_a / s_b."""
+    if ratio.low is None:
+        return "not supported at this budget (fewer than two seeds, or no spread in the baseline: no interval)"
+    if ratio.below_one():
+        return "held"
+    if ratio.above_one():
+        return "not supported at this budget: the opposite direction is significant"
+    return "not supported at this budget (the interval includes 1)"
 
 
 def fmt_ms(values, digits: int = 4) -> str:
@@ -255,7 +339,7 @@ def claims(data: StudyData) -> list[tuple[str, str, str, str]]:
             if a in have and b in have:
                 add(text.format(o=opt), source, (a, spec_a), (b, spec_b))
         family_claims(data, opt, out)
-    return out
+    return out + stability_claims(data)
 
 
 def student_alone(data: StudyData, opt: str) -> str | None:
@@ -290,6 +374,80 @@ def family_claims(data: StudyData, opt: str, out: list) -> None:
         out.append((f"slices of the MatTA TA beat the same slices of the TA trained alone ({opt})",
                     "this project (Mix'n'Match)", f"{n_ok} of {len(members)} members (interval < 0)",
                     "held" if n_ok == len(members) else "not supported at this budget"))
+
+
+def far_threshold(data: StudyData) -> float | None:
+    """FAR_SIGMAS robust standard deviations of the seed noise pooled over the arms (the arm's
+    scored model); None with fewer than three deviations to pool."""
+    deviations = []
+    for arm in data.arms():
+        values = sorted(data.values(arm, scored_spec(parse_arm(arm))).values())
+        if len(values) < 2:
+            continue
+        median = _median(values)
+        devs = sorted(abs(v - median) for v in values)
+        deviations += devs[1:] if len(values) % 2 else devs  # an odd sample's median is 0 from itself
+    if len(deviations) < 3:
+        return None
+    return FAR_SIGMAS * 1.4826 * _median(deviations)
+
+
+def _median(values) -> float:
+    values = sorted(values)
+    mid = len(values) // 2
+    return values[mid] if len(values) % 2 else 0.5 * (values[mid - 1] + values[mid])
+
+
+def far_runs(data: StudyData, arm: str, spec: str, threshold: float | None) -> list[int]:
+    """The seeds of `arm` whose `spec` ends more than `threshold` from the arm's median."""
+    values = data.values(arm, spec)
+    if threshold is None or len(values) < 2:
+        return []
+    median = _median(values.values())
+    return sorted(s for s, v in values.items() if abs(v - median) > threshold)
+
+
+def stability_claims(data: StudyData) -> list[tuple[str, str, str, str]]:
+    """Per optimizer: the MatTA Student's seed spread against the Student alone's (F-interval
+    of the ratio of standard deviations over the seeds both have), with the far runs."""
+    out, threshold = [], far_threshold(data)
+    for opt in ("adamw", "shampoo"):
+        arm, base = f"matta-{opt}", student_alone(data, opt)
+        if arm not in data.runs or base is None:
+            continue
+        ours, theirs = data.values(arm, "student"), data.values(base, "student")
+        seeds = sorted(set(ours) & set(theirs))
+        if not seeds:
+            continue
+        ratio = spread_ratio_interval([ours[s] for s in seeds], [theirs[s] for s in seeds], LEVEL)
+        bounds = "" if ratio.low is None else f" [{ratio.low:.3f}, {ratio.high:.3f}]"
+        far = [len(far_runs(data, a, "student", threshold)) for a in (arm, base)]
+        out.append((f"MatTA stabilises training: the MatTA Student ({opt}) varies less over seeds than the Student "
+                    f"alone ({base})", "Section 3 ('regularization afforded by the Matryoshka structure')",
+                    f"std ratio {ratio.ratio:.3f}{bounds}; runs far from the median: {far[0]} vs {far[1]} of "
+                    f"{len(seeds)}", spread_ratio_verdict(ratio)))
+    return out
+
+
+def stability_table(data: StudyData) -> list[str]:
+    threshold = far_threshold(data)
+    far_text = "-" if threshold is None else f"{threshold:.4f}"
+    lines = [f"Far from the median: more than {far_text} ({FAR_SIGMAS:g} x 1.4826 x the median absolute deviation "
+             "from the arm medians, pooled over the arms; see `FAR_SIGMAS`).", "",
+             f"| arm | model | seeds | median | std [{LEVEL:.0%} chi-square CI] | runs far from the median |",
+             "|---|---|---|---|---|---|"]
+    for arm in data.arms():
+        spec = scored_spec(parse_arm(arm))
+        values = data.values(arm, spec)
+        if not values:
+            continue
+        spread = std_interval(list(values.values()), LEVEL)
+        bounds = "" if spread.low is None else f" [{spread.low:.4f}, {spread.high:.4f}]"
+        far = far_runs(data, arm, spec, threshold)
+        far_cells = ", ".join(f"seed {s}: {values[s]:.4f}" for s in far) or "none"
+        lines.append(f"| {parse_arm(arm).label} | {spec} | {len(values)} | {_median(values.values()):.4f} | "
+                     f"{spread.std:.4f}{bounds} | {len(far)} ({far_cells}) |")
+    return lines
 
 
 def budget_check(data: StudyData) -> list[str]:
@@ -373,6 +531,84 @@ def family_table(data: StudyData) -> list[str]:
     return lines
 
 
+def learning_rate_lines(data: StudyData) -> list[str]:
+    """The default sweep: the Student alone's rates on seed 0 and the rate chosen for every arm."""
+    lines = ["Per optimizer, a small sweep on the Student-alone arm of seed 0 only (Student "
+             f"{data.metric} per rate); the best rate is reused for every arm and seed. A fixed rate (--lr, --quick) "
+             "has no sweep.", ""]
+    sweep = data.state.get("sweep", {})
+    for opt, chosen in data.state["chosen_lr"].items():
+        results = sweep.get(opt)
+        if results:
+            cells = ", ".join(f"{lr} -> {v:.4f}" for lr, v in sorted(results.items(), key=lambda kv: float(kv[0])))
+            lines.append(f"- {opt}: {cells}; chosen {chosen:g}")
+        else:
+            lines.append(f"- {opt}: {chosen:g} (fixed)")
+    return lines
+
+
+def grid_lines(data: StudyData) -> list[str]:
+    """--lr-sweep per-arm: the whole grid (arm x rate), each arm's choice, the shared rate, and
+    what choosing the best of the grid on the reported seeds is worth (its selection bias)."""
+    chosen, shared = arm_rates(data), shared_rates(data)
+    rates = sorted({lr for arm in data.grid for lr in data.grid[arm]})
+    lines = ["Every arm and seed was trained at every rate of the grid. Each arm is read at the rate with the lowest "
+             "mean (over the seeds finished at every rate) of its own model's "
+             f"{data.metric} (the Student; the TA for TA alone), **bold**; the shared rate (*) is the one the default "
+             "sweep would pick for every arm: the Student alone's best on seed 0. Cells: mean ± std over seeds (n).",
+             "", "| arm | " + " | ".join(lr_tag(lr) for lr in rates) + " | own best | shared |",
+             "|---|" + "---|" * (len(rates) + 2)]
+    for arm in (a for a in data.state["arms"] if a in data.grid):
+        values = data.grid_values(arm)
+        cells = []
+        for lr in rates:
+            v = values.get(lr, {})
+            cell = f"{fmt_ms(v.values())} ({len(v)})" if v else "-"
+            cell = f"**{cell}**" if chosen.get(arm) == lr else cell
+            cells.append(cell + (" *" if shared.get(arm) == lr else ""))
+        lines.append(f"| {parse_arm(arm).label} | " + " | ".join(cells) +
+                     f" | {lr_tag(chosen[arm]) if arm in chosen else '-'} | {lr_tag(shared[arm]) if arm in shared else '-'} |")
+    lines += ["", "Selection bias: the own-best rate is the best of the grid on the very seeds it is then reported on, "
+              "so its mean is optimistic by about the luck of that choice, and more so for an arm whose seeds vary "
+              "more. Leaving each seed out of its own choice removes the bias from that seed's number; per arm, the "
+              "own-best mean minus the mean with the rate chosen on the other seeds (negative: the own-best reading "
+              "is optimistic by that much):", ""]
+    held_out = data.picked(lambda arm, seed: held_out_rate(data, arm, seed))
+    for arm in (a for a in data.state["arms"] if a in chosen):
+        spec = scored_spec(parse_arm(arm))
+        own, fair = data.values(arm, spec), held_out.values(arm, spec)
+        seeds = sorted(set(own) & set(fair))
+        if seeds:
+            switched = sum(1 for s in seeds if held_out_rate(data, arm, s) != chosen[arm])
+            lines.append(f"- {parse_arm(arm).label}: {sum(own[s] - fair[s] for s in seeds) / len(seeds):+.4f} over "
+                         f"{len(seeds)} seeds ({switched} seed(s) would have had another rate)")
+    return lines
+
+
+ARM_TABLE_NOTE = ("Mean ± std over seeds. Δ: per-seed paired difference from the baseline (95% t-interval), and the "
+                  "mean change in %. † not reported in the paper (an honest baseline: the Student alone for as "
+                  "many training FLOPs as the MatTA run). FLOPs: training FLOPs (6 N per token and stream, plus "
+                  "attention) of one run.")
+CLAIMS_NOTE = ("A claim held only if its 95% interval excludes 0 in the paper's direction (for a ratio of spreads: "
+               "lies below 1); otherwise it is not supported at this budget (which is not evidence against it).")
+
+
+def readings_lines(data: StudyData, fpt: dict, heading: str, notes: bool = True, family: bool = True) -> list[str]:
+    """The arm table, the family tables, the claims and the seed spread of one reading of the
+    runs; `heading` ("##", "###") marks its parts, `notes` explains the tables."""
+    lines = [ARM_TABLE_NOTE, ""] if notes else []
+    lines += arm_table(data, fpt)
+    if family:
+        lines += family_table(data)
+    lines += ["", f"{heading} What held", ""]
+    if data.quick:
+        return lines + ["Not assessed: --quick runs a few steps and claims nothing."]
+    lines += [CLAIMS_NOTE, ""] if notes else []
+    lines += ["| claim | source | measured (a - b, 95% CI) | reading |", "|---|---|---|---|"]
+    lines += [f"| {c} | {s} | {m} | {v} |" for c, s, m, v in claims(data)]
+    return lines + ["", f"{heading} Seed spread", ""] + stability_table(data)
+
+
 def write_report(out) -> Path:
     """Writes DIR/RESULTS.md and DIR/study.png; returns the RESULTS.md path."""
     data = load_study(out)
@@ -397,51 +633,59 @@ def write_report(out) -> Path:
         "",
         "## Learning rates",
         "",
-        "Per optimizer, a small sweep on the Student-alone arm of seed 0 only (Student "
-        f"{data.metric} per rate); the best rate is reused for every arm and seed. A fixed rate (--lr, --quick) "
-        "has no sweep.",
-        "",
     ]
-    sweep = data.state.get("sweep", {})
-    for opt, chosen in data.state["chosen_lr"].items():
-        results = sweep.get(opt)
-        if results:
-            cells = ", ".join(f"{lr} -> {v:.4f}" for lr, v in sorted(results.items(), key=lambda kv: float(kv[0])))
-            lines.append(f"- {opt}: {cells}; chosen {chosen:g}")
-        else:
-            lines.append(f"- {opt}: {chosen:g} (fixed)")
+    lines += grid_lines(data) if data.grid else learning_rate_lines(data)
     lines += ["", init_check(data), ""]
     for check in budget_check(data):
         lines += [f"Budget: {check}", ""]
-    lines += ["## Arms", "",
-              "Mean ± std over seeds. Δ: per-seed paired difference from the baseline (95% t-interval), and the "
-              "mean change in %. † not reported in the paper (an honest baseline: the Student alone for as "
-              "many training FLOPs as the MatTA run). FLOPs: training FLOPs (6 N per token and stream, plus "
-              "attention) of one run.", ""]
-    lines += arm_table(data, fpt)
-    lines += family_table(data)
-    lines += ["", "## What held", ""]
-    if data.quick:
-        lines.append("Not assessed: --quick runs a few steps and claims nothing.")
+    if data.grid:
+        shared = shared_rates(data)
+        lines += ["## Every arm at its own best rate", ""] + readings_lines(data, fpt, "###")
+        lines += ["", "## Every arm at the shared rate", "",
+                  "The rate of the default sweep (the Student alone's best on seed 0) for every arm: "
+                  f"{', '.join(sorted({lr_tag(lr) for lr in shared.values()})) or 'none (no Student-alone arm)'}.", ""]
+        lines += readings_lines(data.picked(lambda arm, seed: shared.get(arm)), fpt, "###", notes=False, family=False)
+        lines += ["", "## Each seed at the rate chosen on the other seeds", "",
+                  "Per arm and seed, the rate with the best mean over the other seeds: no seed's number took part in "
+                  "choosing its own rate.", ""]
+        lines += readings_lines(data.picked(lambda arm, seed: held_out_rate(data, arm, seed)), fpt, "###", notes=False,
+                                family=False)
     else:
-        lines += ["A claim held only if its 95% interval excludes 0 in the paper's direction; otherwise it is not "
-                  "supported at this budget (which is not evidence against it).", "",
-                  "| claim | source | measured (a - b, 95% CI) | reading |", "|---|---|---|---|"]
-        lines += [f"| {c} | {s} | {m} | {v} |" for c, s, m, v in claims(data)]
+        lines += ["## Arms", ""] + readings_lines(data, fpt, "##")
     if data.missing:
         lines += ["", "## Unfinished runs", ""] + [f"- {arm} seed {seed}" for arm, seed in data.missing]
-    lines += ["", "## Time per run", "", "| arm | seed | steps | wall s | run directory |", "|---|---|---|---|---|"]
-    for arm in data.arms():
-        for seed, r in sorted(data.runs[arm].items()):
-            wall = "-" if r.wall_s is None else f"{r.wall_s:.0f}"
-            lines.append(f"| {arm} | {seed} | {r.steps} | {wall} | {r.run_dir.relative_to(data.out)} |")
-    lines += ["", "![study](study.png)", ""]
+    lines += ["", "## Time per run", ""] + time_table(data) + ["", "![study](study.png)", ""]
+    if data.grid:
+        write_grid_json(data)
     path = data.out / "RESULTS.md"
-    tmp = path.with_name(".RESULTS.md.tmp")
-    tmp.write_text("\n".join(lines))
-    tmp.replace(path)
+    write_text_atomic(path, "\n".join(lines))
     plot(data)
     return path
+
+
+def write_grid_json(data: StudyData) -> Path:
+    """DIR/grid.json: every finished run's metrics and wall time, arm -> rate -> seed, small enough
+    to commit beside RESULTS.md when the run directories are not."""
+    grid = {arm: {lr_tag(lr): {str(seed): {"models": {spec: row[data.metric] for spec, row in r.models.items()
+                                                      if data.metric in row}, "wall_s": r.wall_s}
+                                for seed, r in sorted(seeds.items())}
+                  for lr, seeds in sorted(rates.items())} for arm, rates in data.grid.items()}
+    path = data.out / "grid.json"
+    write_json_atomic(path, {"metric": data.metric, "arm_lr": arm_rates(data), "shared_lr": shared_rates(data),
+                             "runs": grid})
+    return path
+
+
+def time_table(data: StudyData) -> list[str]:
+    lines = ["| arm | seed | lr | steps | wall s | run directory |", "|---|---|---|---|---|---|"]
+    grid = data.grid or {arm: {None: seeds} for arm, seeds in data.runs.items()}
+    for arm in (a for a in data.state["arms"] if a in grid):
+        for lr, seeds in sorted(grid[arm].items(), key=lambda kv: kv[0] or 0.0):
+            for seed, r in sorted(seeds.items()):
+                wall = "-" if r.wall_s is None else f"{r.wall_s:.0f}"
+                rate = lr_tag(lr) if lr is not None else lr_tag(data.state["chosen_lr"].get(parse_arm(arm).optimizer, 0))
+                lines.append(f"| {arm} | {seed} | {rate} | {r.steps} | {wall} | {r.run_dir.relative_to(data.out)} |")
+    return lines
 
 
 def plot(data: StudyData) -> Path:
