@@ -53,7 +53,7 @@ def main():
             seconds = []
             for steps in args.steps:
                 out = Path(tmp) / f"{mode}-{opt}-{steps}"
-                cmd = [sys.executable, "-m", "matta", "train", *preset.train_flags, "--data", preset.data,
+                cmd = [sys.executable, "-m", "matta", "train", *preset.budgets["lm"].flags, "--data", preset.data,
                        "--threads", "1", "--mode", mode, "--optimizer", opt, "--max-steps", str(steps),
                        "--out", str(out)]
                 seconds.append(cpu_seconds_of(cmd))

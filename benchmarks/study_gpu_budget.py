@@ -31,9 +31,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
-from matta.cli import _train_values, build_parser  # noqa: E402
+from matta.train.config import config_from_flags  # noqa: E402
 from matta.study import CORE_ARMS, PRESETS, parse_arm  # noqa: E402
-from matta.train import Run, make_config  # noqa: E402
+from matta.train import Run  # noqa: E402
 
 H200_BF16_PEAK = 989e12  # dense bf16 FLOP/s (NVIDIA's H200 datasheet, the same as an H100 SXM)
 HOST_S_PER_OP = 10e-6  # eager PyTorch: Python, dispatch and launch per op on a server CPU
@@ -56,10 +56,9 @@ class CountOps(TorchDispatchMode):
 def run_kind(preset, mode: str, optimizer: str, steps: int) -> dict:
     """CPU seconds per step, ATen ops and FLOPs of one step of one kind of study run."""
     with tempfile.TemporaryDirectory() as tmp:
-        args = build_parser().parse_args(["train", *preset.train_flags, "--data", preset.data, "--mode", mode,
-                                          "--optimizer", optimizer, "--threads", "1", "--out", tmp])
-        values, _ = _train_values(args)
-        run = Run(make_config({**values, "progress": False}), log=lambda *a, **k: None)
+        cfg = config_from_flags([*preset.budgets["lm"].flags, "--data", preset.data, "--mode", mode,
+                                 "--optimizer", optimizer, "--threads", "1", "--out", tmp, "--no-progress"])
+        run = Run(cfg, log=lambda *a, **k: None)
         run.setup()
         run.train_step()  # first step: state allocation
         with CountOps() as counter:
@@ -71,7 +70,8 @@ def run_kind(preset, mode: str, optimizer: str, steps: int) -> dict:
         cfg = run.cfg
         tokens = cfg.batch_size * cfg.block_size * cfg.grad_accum
         return {"mode": mode, "optimizer": optimizer, "cpu_s_per_step": cpu_s, "ops": sum(counter.ops.values()),
-                "flops": run.flops_per_token * tokens, "tokens": tokens}
+                "flops": run.model.flops_per_token(cfg.block_size, run.objective.criterion.streams) * tokens,
+                "tokens": tokens}
 
 
 def gpu_step(kind: dict) -> tuple[float, float]:
@@ -92,7 +92,7 @@ def main():
     args = p.parse_args()
     torch.set_num_threads(1)
     preset = PRESETS[args.preset]
-    steps = args.steps or preset.steps
+    steps = args.steps or preset.budgets["lm"].steps
     arms = [parse_arm(a) for a in CORE_ARMS]
     kinds = {}
     for mode, opt in sorted({(a.kind.mode, a.optimizer) for a in arms}):

@@ -47,9 +47,10 @@ import torch.nn.functional as F  # noqa: E402
 
 from matta.extraction import extract  # noqa: E402
 from matta.train import Run, make_config  # noqa: E402
-from matta.train.objective import Objective, criterion_for  # noqa: E402
+from matta.train.objective import Objective, criterion_for, streams_of  # noqa: E402
 from matta.train.optimizers import build_optimizer  # noqa: E402
 from matta.train.tasks import task_for  # noqa: E402
+from matta.train.trainer import peak_flops  # noqa: E402
 from partial_results import PartialResults  # noqa: E402
 
 MODES = ("student", "ta", "matta")
@@ -117,16 +118,16 @@ def time_interleaved(steps: dict, warmup: int, reps: int, device, on_round=lambd
 
 def rows_for(run: Run, medians: dict, optimizer="adamw", compiled=None) -> list:
     tokens = run.cfg.batch_size * run.cfg.block_size * run.cfg.grad_accum
+    peak = peak_flops(run.ctx.device)
     rows = []
     for name, step_s in medians.items():
         kind, _, mode = name.partition(" ")
-        streams = {"student": ("student",), "ta": ("ta",), "matta": ("student", "ta")}[mode]
-        flops = run.model.flops_per_token(run.cfg.block_size, streams)
+        flops = run.model.flops_per_token(run.cfg.block_size, streams_of(mode, run.cfg.loss_weights))
         rows.append({"row": name, "optimizer": optimizer,
                      "compile": run.cfg.compile if compiled is None else compiled, "step_s": step_s,
                      "tokens_per_s": tokens / step_s, "tokens_per_step": tokens, "flops_per_token": flops,
                      "achieved_tflops": flops * tokens / step_s / 1e12,
-                     "mfu": flops * tokens / step_s / run.peak if run.peak else None})
+                     "mfu": flops * tokens / step_s / peak if peak else None})
     return rows
 
 

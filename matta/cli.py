@@ -30,7 +30,7 @@ from .ops.backend import BackendError, check_environment
 from .study import StudyError
 from .train.baseline import BaselineError
 from .train.checkpoint import CheckpointError, checkpoint_folders, remove_dead_writes
-from .train.config import (BOOL_FIELDS, FIELDS, ConfigError, check_folder, check_resume, check_threads, coerce,
+from .train.config import (FIELDS, ConfigError, add_train_flags, check_folder, check_resume, check_threads, coerce,
                            load_toml, make_config)
 from .train.context import default_threads
 
@@ -51,20 +51,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _add_train_flags(p: argparse.ArgumentParser) -> None:
-    for name, f in FIELDS.items():
-        flag = "--" + name.replace("_", "-")
-        help_text = f.metadata["help"]
-        if name in BOOL_FIELDS:
-            group = p.add_mutually_exclusive_group()
-            group.add_argument(flag, dest=name, action="store_const", const=True, default=argparse.SUPPRESS,
-                               help=f"{help_text} (default: {f.default}; --no-{name.replace('_', '-')} for off)")
-            group.add_argument("--no-" + name.replace("_", "-"), dest=name, action="store_const", const=False,
-                               default=argparse.SUPPRESS, help=argparse.SUPPRESS)
-        else:
-            default = ",".join(str(v) for v in f.default) if isinstance(f.default, tuple) else f.default
-            p.add_argument(flag, dest=name, default=argparse.SUPPRESS, choices=f.metadata["choices"],
-                           metavar=None if f.metadata["choices"] else name.upper(),
-                           help=f"{help_text} (default: {default})")
+    add_train_flags(p)
     p.add_argument("--config", metavar="FILE.toml", help="read settings from a TOML file (flags win)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
@@ -312,7 +299,8 @@ def cmd_study(args) -> int:
 
 
 def _add_study_flags(p: argparse.ArgumentParser) -> None:
-    from .study import LR_SWEEPS, PRESETS, TASKS
+    from .study import LR_SWEEPS, PRESETS
+    from .train.tasks import TASKS
 
     p.add_argument("--preset", default="tiny", choices=list(PRESETS), help="model, data and budget (default: tiny, a CPU)")
     p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 per arm (default 3)")

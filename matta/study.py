@@ -43,10 +43,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ._atomic import write_json_atomic
+from .train.checkpoint import checkpoint_folders
+from .train.config import config_from_flags
+from .train.objective import streams_of
+from .train.run_dir import load_run
+from .train.tasks import TASKS
 
 OPTIMIZERS = ("adamw", "shampoo")
 LR_SWEEPS = ("student", "per-arm")
-TASKS = {"lm": "val_loss", "classify": "auc_loss"}  # the metric each task's arms are scored by
 
 
 class StudyError(ValueError):
@@ -134,19 +138,23 @@ def parse_arms(text: str, teacher: str | None) -> list[Arm]:
 
 
 @dataclass(frozen=True)
+class TaskBudget:
+    """A preset's setting for one task (`matta.train.TASKS`): the `matta train` flags of every
+    run (the model, batch and bookkeeping) and the default number of steps."""
+
+    flags: tuple[str, ...]
+    steps: int
+
+
+@dataclass(frozen=True)
 class StudyPreset:
-    """A study's model, data and budget. `train_flags` go to every `matta train` run."""
+    """A study's model, data and budget per task."""
 
     name: str
-    train_flags: tuple[str, ...]
-    steps: int
-    data: str
+    budgets: dict  # task name -> TaskBudget (the tasks the preset offers)
+    data: str  # the data of a task that trains on --data (a task with data of its own ignores it)
     lr_grid: dict = field(default_factory=dict)  # optimizer -> learning rates of the sweep
     note: str = ""
-    # --task classify: the model and batch flags, and the steps, for the synthetic relevance
-    # task of matta.classification (None: the preset has no classification setting).
-    classify_flags: tuple[str, ...] | None = None
-    classify_steps: int = 0
 
 
 def _train_flags(model, ffn_ta, extra_layers, block, batch, eval_tokens, checkpoint_every, *more) -> tuple[str, ...]:
@@ -162,31 +170,32 @@ def _grid(*rates) -> dict:
 
 PRESETS = {
     "tiny": StudyPreset(
-        "tiny", _train_flags("gpt2-tiny", 1024, 2, 128, 16, 65536, 200, "--max-preconditioner-dim", "256"),
-        steps=400, data="stdlib", lr_grid=_grid(1e-3, 3e-3, 1e-2),
-        # Measured (studies/tiny, 3 seeds): at 400 steps the TA alone does not yet beat the Student
-        # alone by twice the seed spread; a budget that does is more than this CPU could run.
+        "tiny", {
+            "lm": TaskBudget(_train_flags("gpt2-tiny", 1024, 2, 128, 16, 65536, 200, "--max-preconditioner-dim", "256"),
+                             steps=400),
+            # A 2-layer GAU classifier, d 32, expansion 16 (TA 64), at the budget that met the
+            # margin > 2 x spread criterion (studies/README.md).
+            "classify": TaskBudget(("--model", "gau-tiny", "--n-layer", "2", "--n-embd", "32", "--ffn", "16",
+                                    "--ffn-ta", "64", "--batch-size", "64", "--checkpoint-interval", "250",
+                                    "--eval-interval", "0", "--log-interval", "10", "--keep-checkpoints", "1",
+                                    "--no-progress"), steps=2000),
+        },
+        data="stdlib", lr_grid=_grid(1e-3, 3e-3, 1e-2),
         note="GPT-2 tiny (4 layers, d 128, FFN 512) nested in a TA with FFN 1024 and 2 TA-only layers; "
-             "sized for a 2-core CPU.",
-        # A 2-layer GAU classifier, d 32, expansion 16 (TA 64). Measured (studies/tiny-classify*,
-        # 3 seeds): at 750 steps of 64 examples the TA alone beat the Student alone by 0.008
-        # AucLoss against a seed spread of 0.009 (not enough); at 2000 steps by 0.009 (AdamW) and
-        # 0.008 (Shampoo) against 0.002-0.003, which meets the margin > 2 x spread criterion.
-        classify_flags=("--model", "gau-tiny", "--n-layer", "2", "--n-embd", "32", "--ffn", "16", "--ffn-ta", "64",
-                        "--batch-size", "64", "--checkpoint-interval", "250", "--eval-interval", "0",
-                        "--log-interval", "10", "--keep-checkpoints", "1", "--no-progress"),
-        classify_steps=2000,
+             "sized for a 2-core CPU (studies/README.md says which budgets meet the study's criterion).",
     ),
     "small": StudyPreset(
-        "small", _train_flags("gpt2-mini", 2048, 2, 256, 32, 262144, 250, "--max-preconditioner-dim", "512"),
-        steps=3000, data="stdlib", lr_grid=_grid(3e-4, 1e-3, 3e-3),
+        "small", {"lm": TaskBudget(_train_flags("gpt2-mini", 2048, 2, 256, 32, 262144, 250,
+                                                "--max-preconditioner-dim", "512"), steps=3000)},
+        data="stdlib", lr_grid=_grid(3e-4, 1e-3, 3e-3),
         note="GPT-2 mini (6 layers, d 256, FFN 1024) nested in a TA with FFN 2048 and 2 TA-only layers; "
              "a workstation or a GPU.",
     ),
     "gpt2-medium": StudyPreset(
         "gpt2-medium",
-        _train_flags("gpt2-medium", 8192, 12, 1024, 16, 1048576, 500, "--grad-accum", "4", "--tokenizer", "gpt2"),
-        steps=20000, data="hf:allenai/c4:en", lr_grid=_grid(1e-4, 3e-4, 6e-4),
+        {"lm": TaskBudget(_train_flags("gpt2-medium", 8192, 12, 1024, 16, 1048576, 500, "--grad-accum", "4",
+                                       "--tokenizer", "gpt2"), steps=20000)},
+        data="hf:allenai/c4:en", lr_grid=_grid(1e-4, 3e-4, 6e-4),
         note="The paper's GPT-2 Medium setting (TA: FFN 8192, 36 layers) on C4; GPUs.",
     ),
 }
@@ -225,11 +234,11 @@ class StudySettings:
         return ("--tokens", str(self.tokens)) if self.tokens is not None else ("--max-steps", str(self.steps))
 
     def base_flags(self) -> tuple[str, ...]:
-        preset = PRESETS[self.preset]
-        common = ("--device", self.device, "--threads", str(self.threads))
-        if self.task == "classify":  # the synthetic relevance task of matta.classification: no --data
-            return (*preset.classify_flags, "--task", "classify", *common)
-        flags = QUICK_FLAGS if self.quick else preset.train_flags
+        budget = PRESETS[self.preset].budgets[self.task]
+        common = ("--task", self.task, "--device", self.device, "--threads", str(self.threads))
+        if TASKS[self.task].own_data is not None:  # the task brings its data: no --data, no --quick model
+            return (*budget.flags, *common)
+        flags = QUICK_FLAGS if self.quick else budget.flags
         data_flags = QUICK_DATA_FLAGS if self.quick and self.data == QUICK_DATA else ()
         return (*flags, *data_flags, "--data", self.data, *common)
 
@@ -293,7 +302,7 @@ class Job:
 
     def command(self) -> list[str]:
         cmd = [sys.executable, "-m", "matta", "train", *self.flags, "--out", str(self.run_dir)]
-        if (self.run_dir / "checkpoints" / "latest").is_file():
+        if checkpoint_folders(self.run_dir):  # what is on disk decides, not the `latest` pointer
             return cmd + ["--resume"]
         return cmd + ["--overwrite"]
 
@@ -461,11 +470,8 @@ def best_rate(results: dict, seeds=None) -> float | None:
 
 def flops_per_token(run_dir: Path, mode: str) -> float:
     """Training FLOPs per token of a run's model when trained in `mode` (the model's count)."""
-    from .train.run_dir import load_run
-
     cfg, model, _ = load_run(run_dir)
-    streams = {"student": ("student",), "ta": ("ta",)}.get(mode, ("student", "ta"))
-    return model.flops_per_token(cfg.block_size, streams)
+    return model.flops_per_token(cfg.block_size, streams_of(mode, cfg.loss_weights))
 
 
 # ----------------------------------------------------------------------------------------
@@ -491,7 +497,7 @@ class Study:
 
     @property
     def metric(self) -> str:
-        return TASKS[self.settings.task]
+        return TASKS[self.settings.task].metric
 
     def optimizers(self) -> list[str]:
         return list(dict.fromkeys(a.optimizer for a in self.arms))
@@ -641,19 +647,12 @@ class Study:
 # The command
 
 
-def _flag(flags, name: str, default: str) -> str:
-    return flags[flags.index(name) + 1] if name in flags else default
-
-
 def warm_data_cache(settings: StudySettings) -> dict:
-    """Loads the data once here, so that runs started side by side find the tokenizer and
-    tokens cached instead of all building them at once; returns its provenance."""
-    from .data import load_data
-
-    flags = settings.base_flags()
-    vocab = _flag(flags, "--vocab-size", "")
-    data = load_data(settings.data, block_size=int(_flag(flags, "--block-size", "128")),
-                     tokenizer=_flag(flags, "--tokenizer", "auto"), vocab_size=int(vocab) if vocab else None)
+    """Loads the data once here, as every run's task loads it, so that runs started side by
+    side find the tokenizer and tokens cached instead of all building them at once; returns
+    its provenance."""
+    cfg = config_from_flags(settings.base_flags())
+    data = TASKS[cfg.task].load_data(cfg)
     return dict(getattr(data, "provenance", {}) or {})
 
 
@@ -691,15 +690,16 @@ def run_from_args(args, log=print) -> Study:
         raise StudyError("--lr fixes the rates, --lr-sweep per-arm sweeps them; give one of the two")
     if args.task not in TASKS:
         raise StudyError(f"--task must be one of {', '.join(TASKS)}, got {args.task!r}")
-    preset = PRESETS[args.preset]
-    classify = args.task == "classify"
-    if classify and preset.classify_flags is None:
-        raise StudyError(f"preset {args.preset} has no classification setting; use --preset tiny with --task classify")
-    if classify and args.data:
-        raise StudyError("--task classify trains on the synthetic relevance task; drop --data")
-    default_steps = QUICK_STEPS if args.quick else (preset.classify_steps if classify else preset.steps)
+    preset, task = PRESETS[args.preset], TASKS[args.task]
+    if args.task not in preset.budgets:
+        offering = [name for name, p in PRESETS.items() if args.task in p.budgets]
+        raise StudyError(f"preset {args.preset} has no setting for --task {args.task}; use --preset "
+                         f"{' or '.join(offering)} with --task {args.task}")
+    if task.own_data is not None and args.data:
+        raise StudyError(f"--task {args.task} trains on {task.own_data}; drop --data")
+    default_steps = QUICK_STEPS if args.quick else preset.budgets[args.task].steps
     steps = args.steps if args.steps is not None or args.tokens is not None else default_steps
-    data = "relevance (synthetic)" if classify else args.data or (QUICK_DATA if args.quick else preset.data)
+    data = task.own_data or args.data or (QUICK_DATA if args.quick else preset.data)
     settings = StudySettings(args.preset, args.seeds, steps, args.tokens, data, args.task, bool(args.quick),
                              str(Path(args.teacher).resolve()) if args.teacher else None, parse_lrs(args.lr),
                              args.device, args.threads, lr_sweep)
@@ -713,7 +713,7 @@ def run_from_args(args, log=print) -> Study:
     study.check_directory()
     log(f"matta study: preset {settings.preset}, {settings.seeds} seed(s), arms {', '.join(a.name for a in arms)}, "
         f"{args.jobs} job(s) side by side -> {out}")
-    if not classify:
+    if task.own_data is None:
         study.data_provenance = warm_data_cache(settings)
     study.run()
     return study

@@ -30,9 +30,10 @@ import platform
 from dataclasses import dataclass
 from pathlib import Path
 
-from ._atomic import write_json_atomic, write_text_atomic
+from ._atomic import write_atomic, write_json_atomic, write_text_atomic
 from .stats import Interval, mean_interval, mean_std, paired_interval, spread_ratio_interval, std_interval
 from .study import best_rate, flops_per_token, lr_tag, parse_arm, read_json, run_results, scored_spec
+from .train.tasks import TASKS
 
 LEVEL = 0.95
 # A run is "far" from its arm's median beyond this many robust standard deviations of the
@@ -487,10 +488,11 @@ def init_check(data: StudyData) -> str:
 
 
 def arm_table(data: StudyData, fpt: dict) -> list[str]:
-    lm = data.task == "lm"
+    task = TASKS[data.task]
+    with_ppl = any(c.key == "perplexity" for c in task.columns)  # a language model's metric is a loss
     base = baseline_arm(data)
-    name = "val loss" if lm else "AucLoss"
-    head = ["arm", f"Student {name}"] + (["ppl"] if lm else []) + [
+    name = task.eval_label
+    head = ["arm", f"Student {name}"] + (["ppl"] if with_ppl else []) + [
         f"Δ vs {base or 'baseline'} (95% CI)", "Δ %", f"TA {name}", "steps", "tokens", "FLOPs", "wall s/run"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for arm in data.arms():
@@ -500,7 +502,7 @@ def arm_table(data: StudyData, fpt: dict) -> list[str]:
         runs = list(data.runs[arm].values())
         diff = paired(data, (arm, "student"), (base, "student")) if base and s_vals and arm != base else None
         cells = [parse_arm(arm).label + ("" if parse_arm(arm).kind.in_paper else " †"), fmt_ms(s_vals.values())]
-        if lm:
+        if with_ppl:
             cells.append(f"{math.exp(mean_std(list(s_vals.values()))[0]):.2f}" if s_vals else "-")
         cells += [fmt_iv(diff[0]) if diff else "-", f"{diff[1]:+.2f}%" if diff else "-", fmt_ms(t_vals.values())]
         steps = sorted({r.steps for r in runs})
@@ -719,15 +721,15 @@ def plot(data: StudyData) -> Path:
                     m, s = mean_std(vals)
                     ax.errorbar([params], [m], yerr=[s], fmt=marker, ms=12, capsize=3, label=label, zorder=3)
         ax.set_xlabel("non-embedding parameters (M)")
-        ax.set_ylabel(f"validation {'loss' if data.task == 'lm' else 'AucLoss'} (mean ± std over seeds)")
+        ax.set_ylabel(f"{TASKS[data.task].metric_label} (mean ± std over seeds)")
         ax.set_title(f"{opt}{' (--quick: plumbing only)' if data.quick else ''}")
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
     fig.tight_layout()
     path = data.out / "study.png"
-    tmp = path.with_name(".study.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
+    try:
+        write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    finally:
+        plt.close(fig)
     return path

@@ -121,9 +121,9 @@ def test_objective_runs_the_streams_its_loss_reads(mode, monkeypatch):
     seen = []
     real = NestedGPT2.forward
 
-    def spy(self, idx, return_hidden=False, *, stream=None):
+    def spy(self, idx, return_hidden=False, *, stream=None, report=None):
         seen.append(stream)
-        return real(self, idx, return_hidden, stream=stream)
+        return real(self, idx, return_hidden, stream=stream, report=report)
 
     monkeypatch.setattr(NestedGPT2, "forward", spy)
     objective = Objective(TASKS["lm"], model, criterion_for(make_config({"mode": mode})))

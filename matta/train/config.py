@@ -11,6 +11,7 @@ combinations). Each error is one ConfigError line naming the flag and what it ac
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import math
@@ -246,6 +247,37 @@ def load_toml(path) -> dict:
             raise ConfigError(f"config file {path}: {key!r} is given twice")
         out[name] = coerce(name, value)
     return out
+
+
+def add_train_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per field (`batch_size` -> `--batch-size`; a bool also as `--no-...`), each
+    left unset unless given, so that flags can override a TOML file or a saved config."""
+    for name, f in FIELDS.items():
+        flag = "--" + name.replace("_", "-")
+        help_text = f.metadata["help"]
+        if name in BOOL_FIELDS:
+            group = parser.add_mutually_exclusive_group()
+            group.add_argument(flag, dest=name, action="store_const", const=True, default=argparse.SUPPRESS,
+                               help=f"{help_text} (default: {f.default}; --no-{name.replace('_', '-')} for off)")
+            group.add_argument("--no-" + name.replace("_", "-"), dest=name, action="store_const", const=False,
+                               default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        else:
+            default = ",".join(str(v) for v in f.default) if isinstance(f.default, tuple) else f.default
+            parser.add_argument(flag, dest=name, default=argparse.SUPPRESS, choices=f.metadata["choices"],
+                                metavar=None if f.metadata["choices"] else name.upper(),
+                                help=f"{help_text} (default: {default})")
+
+
+def config_from_flags(argv) -> TrainConfig:
+    """The TrainConfig that `matta train` flags (no --config, --resume) describe."""
+    class Parser(argparse.ArgumentParser):
+        def error(self, message):
+            raise ConfigError(message)
+
+    parser = Parser(prog="matta train", add_help=False)
+    add_train_flags(parser)
+    args = parser.parse_args(list(argv))
+    return make_config({name: coerce(name, getattr(args, name)) for name in FIELDS if hasattr(args, name)})
 
 
 def make_config(values: dict) -> TrainConfig:

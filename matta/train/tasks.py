@@ -43,6 +43,7 @@ class Task:
     eval_key = ""  # eval records hold `{eval_key}_student` and `{eval_key}_ta`
     eval_label = ""
     columns: tuple[Column, ...] = ()
+    own_data: str | None = None  # a task with data of its own (no --data) names it here
 
     def load_data(self, cfg):
         """The training batches (`.train.batch(step, batch_size, part, parts)`), validation
@@ -145,6 +146,7 @@ class ClassificationTask(Task):
     eval_label = "AucLoss"
     columns = (Column("AucLoss", "auc_loss", ".4f"), Column("AUROC", "auroc", ".4f"),
                Column("CE vs Teacher", "val_loss", ".4f"))
+    own_data = "relevance (synthetic)"
 
     def load_data(self, cfg):
         return ClassificationData(RelevanceTask(), cfg.seed)
