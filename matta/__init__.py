@@ -13,6 +13,7 @@ from .hf import export_hf_gpt2, load_extracted, save_extracted  # noqa: E402
 from .layers import NestedLinear  # noqa: E402
 from .losses import MatTALoss, MatTALossOutput, fused_linear_matta_loss, ramp_value  # noqa: E402
 from .models import GAU, GPT2, GAUConfig, GPT2Config, NestedGAU, NestedGPT2, NestingConfig  # noqa: E402
+from .models import HFCausalLM, NestedHFCausalLM, nest_hf  # noqa: E402
 from .nestify import nestify  # noqa: E402
 from . import optim  # noqa: E402
 from .optim import Shampoo  # noqa: E402
@@ -24,6 +25,7 @@ __all__ = [
     "NestedLinear", "nested_linear", "nested_linear_reference",
     "MatTALoss", "MatTALossOutput", "fused_linear_matta_loss", "ramp_value", "Shampoo", "optim",
     "GPT2Config", "GAUConfig", "NestingConfig", "NestedGPT2", "NestedGAU", "GPT2", "GAU", "nestify",
+    "nest_hf", "NestedHFCausalLM", "HFCausalLM",
     "extract", "layer_choices", "num_parameters_of", "wide_narrow_wide_family",
     "export_hf_gpt2", "save_extracted", "load_extracted",
 ]

@@ -147,6 +147,7 @@ def _models_for(model, specs):
 
 
 def cmd_extract(args) -> int:
+    from .models import HFCausalLM
     from .train.run_dir import load_run
 
     check_folder("--out", args.out)
@@ -156,7 +157,13 @@ def cmd_extract(args) -> int:
     for name, spec, sub in _models_for(model, specs):
         folder = out / spec.replace(":", "_k")
         folder.mkdir(parents=True, exist_ok=True)
-        if args.hf:
+        if isinstance(sub, HFCausalLM):  # a Hugging Face run: its own class's layout, --hf or not
+            from .hf import export_hf
+
+            export_hf(sub, folder)
+            if hasattr(tokenizer, "save_files"):
+                tokenizer.save_files(folder)  # the model folder's tokenizer files, for AutoTokenizer
+        elif args.hf:
             from .hf import export_hf_gpt2
 
             try:
@@ -169,7 +176,9 @@ def cmd_extract(args) -> int:
             save_extracted(sub, folder)
         if tokenizer is not None:
             (folder / "matta_tokenizer.json").write_text(tokenizer.to_json())
-        print(f"{name}: {sub.num_parameters(non_embedding=True) / 1e6:.3f}M non-embedding parameters -> {folder}")
+        padded = isinstance(sub, HFCausalLM) and len(set(sub.ffn_widths)) > 1
+        print(f"{name}: {sub.num_parameters(non_embedding=True) / 1e6:.3f}M non-embedding parameters -> {folder}"
+              + (f" (stored with every FFN zero-padded to {max(sub.ffn_widths)})" if padded else ""))
     return 0
 
 
@@ -344,7 +353,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", required=True, help="run directory of `matta train`")
     p.add_argument("--spec", default="student", help="student, ta, wide_narrow_wide:K, family or all (comma list)")
     p.add_argument("--out", required=True, help="output folder (one subfolder per model)")
-    p.add_argument("--hf", action="store_true", help="write the Hugging Face GPT-2 layout (uniform-width GPT-2 only)")
+    p.add_argument("--hf", action="store_true", help="write the Hugging Face GPT-2 layout (uniform-width GPT-2 only; "
+                                                     "a run of --model hf:FOLDER is always written in its own layout)")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
 
     p = sub.add_parser("eval", help="evaluate a run's extracted models")

@@ -19,6 +19,10 @@ Sources (`load_data(spec, ...)`):
   folder holding `train.bin` and `val.bin`.
 - `hf:NAME[:CONFIG]`: a Hugging Face dataset streamed with `datasets`, tokenised with the
   GPT-2 BPE from `tiktoken` (C4, `hf:allenai/c4:en`, is the paper's setting).
+
+The tokenizer choice `hf:FOLDER` is the tokenizer of a Hugging Face model folder
+(`HFTokenizer`: its tokenizer.json, read with `tokenizers`); `matta train --model hf:FOLDER`
+uses it for any of the sources above.
 """
 from __future__ import annotations
 
@@ -40,7 +44,8 @@ STDLIB = "stdlib"
 # Folders of the standard library that are not its own source: test suites and installed packages.
 STDLIB_SKIPPED_FOLDERS = frozenset({"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"})
 EOT = "<|endoftext|>"
-TOKENIZER_CHOICES = ("auto", "bpe", "bytes", "gpt2")
+TOKENIZER_CHOICES = ("auto", "bpe", "bytes", "gpt2")  # and "hf:FOLDER"
+HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 # Larger than the vocabulary of any tokenizer in use (Gemma's has 262,144 ids); an inferred
 # vocabulary beyond it means the ids were read with the wrong --bin-dtype.
 MAX_INFERRED_VOCAB = 1 << 20
@@ -154,6 +159,92 @@ class TiktokenGPT2:
         return json.dumps({"matta_tokenizer": "gpt2"})
 
 
+class HFTokenizer(BPETokenizer):
+    """The tokenizer of a Hugging Face model folder: its `tokenizer.json` (a fast tokenizer),
+    read with the `tokenizers` library. Text is encoded without the special tokens the
+    tokenizer would add (a BOS per call would land inside scored continuations); documents
+    end with the model's end-of-text token (`eos_token` of tokenizer_config.json, else
+    `eos_token_id` of config.json). The folder's tokenizer files travel with it (`to_json`), so
+    that `save_files` can put them beside an exported model for `AutoTokenizer`."""
+
+    kind = "hf"
+
+    def __init__(self, tokenizer, eot_id: int, files: dict):
+        super().__init__(tokenizer)
+        self.eot_id, self.files = eot_id, dict(files)
+
+    @classmethod
+    def from_folder(cls, path) -> "HFTokenizer":
+        from tokenizers import Tokenizer
+
+        path = Path(path)
+        if not path.is_dir():
+            raise DataError(f"{path} is not a folder; hf:FOLDER names a Hugging Face model folder")
+        if not (path / "tokenizer.json").is_file():
+            raise DataError(f"{path} has no tokenizer.json (a fast tokenizer): save one there with "
+                            "transformers' AutoTokenizer.from_pretrained(...).save_pretrained(folder)")
+        files = {name: (path / name).read_text() for name in HF_TOKENIZER_FILES if (path / name).is_file()}
+        try:
+            tokenizer = Tokenizer.from_str(files["tokenizer.json"])
+        except Exception as exc:  # tokenizers raises its own exception type for a malformed file
+            raise DataError(f"{path / 'tokenizer.json'} cannot be read by the tokenizers library ({exc})") from None
+        return cls(tokenizer, _eos_id(path, tokenizer), files)
+
+    @classmethod
+    def from_json(cls, text: str) -> "HFTokenizer":
+        from tokenizers import Tokenizer
+
+        saved = json.loads(text)
+        return cls(Tokenizer.from_str(saved["files"]["tokenizer.json"]), saved["eot_id"], saved["files"])
+
+    def encode(self, text: str | bytes) -> list[int]:
+        if isinstance(text, bytes):
+            text = text.decode("utf-8", errors="replace")
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts) -> list[list[int]]:
+        return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
+
+    def to_json(self) -> str:
+        return json.dumps({"matta_tokenizer": "hf", "eot_id": self.eot_id, "files": self.files})
+
+    def save_files(self, folder) -> None:
+        """Writes the Hugging Face tokenizer files it was read from into `folder`."""
+        for name, text in self.files.items():
+            write_text_atomic(Path(folder) / name, text)
+
+
+def _eos_id(path: Path, tokenizer) -> int:
+    """The end-of-text id of a Hugging Face folder's tokenizer (see HFTokenizer)."""
+    def read(name):
+        try:
+            return json.loads((path / name).read_text()) if (path / name).is_file() else {}
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path / name} is not valid JSON ({exc})") from None
+
+    token = read("tokenizer_config.json").get("eos_token")
+    token = token.get("content") if isinstance(token, dict) else token
+    eos = tokenizer.token_to_id(token) if isinstance(token, str) else None
+    if eos is None:
+        eos = read("config.json").get("eos_token_id")
+        eos = eos[0] if isinstance(eos, list) and eos else eos
+    if not isinstance(eos, int) or not 0 <= eos < tokenizer.get_vocab_size():
+        raise DataError(f"{path} names no end-of-text token its tokenizer knows (eos_token in tokenizer_config.json "
+                        "or eos_token_id in config.json); add one")
+    return eos
+
+
+def named_tokenizer(choice: str):
+    """The tokenizer a choice names outright (bytes, gpt2, hf:FOLDER), or None (a BPE to train)."""
+    if choice == "bytes":
+        return ByteTokenizer()
+    if choice == "gpt2":
+        return TiktokenGPT2()
+    if choice.startswith("hf:"):
+        return HFTokenizer.from_folder(choice[3:])
+    return None
+
+
 def tokenizer_from_json(text: str):
     """Loads a tokenizer saved with `to_json()` (a run directory's tokenizer.json)."""
     try:
@@ -165,6 +256,8 @@ def tokenizer_from_json(text: str):
         return ByteTokenizer()
     if kind == "gpt2":
         return TiktokenGPT2()
+    if kind == "hf":
+        return HFTokenizer.from_json(text)
     return BPETokenizer.from_json(text)
 
 
@@ -351,11 +444,7 @@ class Data:
 
 
 def _builtin_tokenizer(choice: str, vocab_size: int):
-    if choice == "bytes":
-        return ByteTokenizer()
-    if choice == "gpt2":
-        return TiktokenGPT2()
-    return _cached_bpe(builtin_documents(), vocab_size, "pydoc")
+    return named_tokenizer(choice) or _cached_bpe(builtin_documents(), vocab_size, "pydoc")
 
 
 def _cached_bpe(texts: list[str], vocab_size: int, name: str) -> BPETokenizer:
@@ -509,8 +598,8 @@ def load_data(
     hf_val_tokens: int = 262144,
 ) -> Data:
     """Opens the data source `spec` (see the module docstring) for training and validation."""
-    if tokenizer not in TOKENIZER_CHOICES:
-        raise DataError(f"--tokenizer must be one of {', '.join(TOKENIZER_CHOICES)}, got {tokenizer!r}")
+    if tokenizer not in TOKENIZER_CHOICES and not tokenizer.startswith("hf:"):
+        raise DataError(f"--tokenizer must be one of {', '.join(TOKENIZER_CHOICES)} or hf:FOLDER, got {tokenizer!r}")
     if block_size < 1:
         raise DataError(f"--block-size must be positive, got {block_size}")
     if not 0.0 < val_fraction < 1.0:
@@ -521,9 +610,10 @@ def load_data(
         name = spec[3:]
         if not name:
             raise DataError("hf: needs a dataset name, e.g. --data hf:allenai/c4:en")
-        if tokenizer not in ("auto", "gpt2"):
-            raise DataError(f"hf: data is tokenised with the GPT-2 BPE; drop --tokenizer {tokenizer} or use gpt2")
-        tok = TiktokenGPT2()
+        if tokenizer not in ("auto", "gpt2") and not tokenizer.startswith("hf:"):
+            raise DataError(f"hf: data is tokenised with the GPT-2 BPE or a model folder's tokenizer; drop "
+                            f"--tokenizer {tokenizer} or use gpt2")
+        tok = named_tokenizer("gpt2" if tokenizer == "auto" else tokenizer)
         train = StreamingBatches(_hf_documents(name, "train"), tok, block_size)
         val_docs = _hf_documents(name, "validation")
         val_ids: list[int] = []
@@ -533,17 +623,12 @@ def load_data(
                 break
         val = np.asarray(val_ids, dtype=np.uint16)
         _check_length(val, block_size, f"hf:{name} validation split")
-        return Data(train, val, tok, tok.vocab_size, f"hf:{name} (streamed, GPT-2 BPE)", None)
+        return Data(train, val, tok, tok.vocab_size, f"hf:{name} (streamed, {tok.kind} tokenizer)", None)
 
     if spec == STDLIB:
         corpus = stdlib_corpus()
         documents = corpus.documents()
-        if tokenizer == "bytes":
-            tok = ByteTokenizer()
-        elif tokenizer == "gpt2":
-            tok = TiktokenGPT2()
-        else:
-            tok = _cached_bpe(documents, bpe_vocab, "stdlib")
+        tok = named_tokenizer(tokenizer) or _cached_bpe(documents, bpe_vocab, "stdlib")
         tokens = _cached_tokens(tok, documents, corpus.sha256, STDLIB)
         train, val = _split(tokens, val_fraction, block_size, "the stdlib corpus")
         desc = (f"Python {corpus.python_version} standard library source ({len(corpus.files)} files, "
@@ -564,10 +649,10 @@ def load_data(
     if is_bin:
         if tokenizer in ("bpe", "bytes"):
             raise DataError(f".bin data is already tokenised; use --tokenizer auto or gpt2, not {tokenizer}")
-        tok = TiktokenGPT2() if tokenizer == "gpt2" else None
+        tok = None if tokenizer == "auto" else named_tokenizer(tokenizer)
         if tok is not None and vocab_size is not None and vocab_size < tok.vocab_size:
-            raise DataError(f"--vocab-size {vocab_size} is smaller than the GPT-2 tokenizer's {tok.vocab_size} ids; "
-                            "drop --vocab-size")
+            raise DataError(f"--vocab-size {vocab_size} is smaller than the {tok.kind} tokenizer's {tok.vocab_size} "
+                            "ids; drop --vocab-size")
         train, val, vocab = _load_bin(path, bin_dtype, block_size, val_fraction,
                                       vocab_size or (tok.vocab_size if tok is not None else None))
         desc = f"{path} ({len(train) + len(val):,} tokens, {bin_dtype}, vocab {vocab})"
@@ -577,13 +662,7 @@ def load_data(
     raw = _read_bytes(files)
     if sum(len(r) for r in raw) == 0:
         raise DataError(f"{spec} is empty; point --data at a file or folder with text in it")
-    if tokenizer == "bytes":
-        tok = ByteTokenizer()
-    elif tokenizer == "gpt2":
-        tok = TiktokenGPT2()
-    else:
-        texts = [r.decode("utf-8", errors="replace") for r in raw]
-        tok = _cached_bpe(texts, bpe_vocab, "text")
+    tok = named_tokenizer(tokenizer) or _cached_bpe([r.decode("utf-8", errors="replace") for r in raw], bpe_vocab, "text")
     tokens = _encode_documents(tok, raw if tok.kind == "bytes" else [r.decode("utf-8", errors="replace") for r in raw])
     train, val = _split(tokens, val_fraction, block_size, str(path))
     desc = f"{path} ({len(files)} file(s), {len(tokens):,} tokens, {tok.kind} tokenizer, vocab {tok.vocab_size})"

@@ -26,9 +26,9 @@ import torch
 from .data import tokenizer_from_json
 from .extraction import extract_spec
 from .hf import FORMAT_FILE, load_extracted
-from .models import pick_output
+from .models import HFCausalLM, pick_output
 from .scoring import perplexity, validation_loss
-from .train.run_dir import load_run
+from .train.run_dir import is_hf_folder, load_hf_folder, load_run
 
 __all__ = [
     "LMScorer", "TaskError", "load_run", "load_scorer", "load_tokenizer", "tokenizer_from_json", "stream_model",
@@ -234,9 +234,10 @@ def _progress(items, enabled: bool, desc: str):
 
 
 def load_tokenizer(folder):
-    """The tokenizer saved beside a model: a run directory's `tokenizer.json` or the
-    `matta_tokenizer.json` that `matta extract` writes; None when there is none."""
-    for name in ("tokenizer.json", "matta_tokenizer.json"):
+    """The tokenizer saved beside a model: the `matta_tokenizer.json` that `matta extract`
+    writes (beside a Hugging Face tokenizer.json, if any) or a run directory's `tokenizer.json`;
+    None when there is none."""
+    for name in ("matta_tokenizer.json", "tokenizer.json"):
         path = Path(folder) / name
         if path.is_file():
             return tokenizer_from_json(path.read_text())
@@ -255,8 +256,8 @@ def stream_model(model, stream: str = "student"):
 def load_scorer(path, stream: str | None = None, *, device=None, batch_size=16, max_batch_size: int = 64,
                 max_length: int | None = None) -> LMScorer:
     """An LMScorer for one model on disk: a stream of a `matta train` run directory (default
-    the Student), or a folder written by `matta extract` (matta's format or, with --hf,
-    Hugging Face GPT-2's). The context window is the run's block size, or for a folder the
+    the Student), or a folder written by `matta extract` (matta's format or a Hugging Face
+    layout: GPT-2's, or that of the run's transformers model). The context window is the run's block size, or for a folder the
     model's n_positions; `max_length` lowers it. `device` None: CUDA when available."""
     path = Path(path)
     if device is None:
@@ -269,10 +270,8 @@ def load_scorer(path, stream: str | None = None, *, device=None, batch_size=16, 
             raise TaskError(f"{path} holds one extracted model; drop stream= (it picks a model out of a run directory)")
         if (path / FORMAT_FILE).is_file():
             model = load_extracted(path)
-        elif (path / "config.json").is_file() and (path / "model.safetensors").is_file():
-            from .models import load_hf_gpt2
-
-            model = load_hf_gpt2(path)
+        elif is_hf_folder(path):
+            model = load_hf_folder(path)
         else:
             raise TaskError(
                 f"{path} is neither a matta run directory (config.json and checkpoints/) nor a model folder "
@@ -281,14 +280,19 @@ def load_scorer(path, stream: str | None = None, *, device=None, batch_size=16, 
         tokenizer = load_tokenizer(path)
         if tokenizer is None:
             raise TaskError(f"{path} has no matta_tokenizer.json; `matta extract` writes it beside the model it extracts")
-        window = model.config.n_positions
+        window = _positions(model)
     if max_length is not None:
-        limit = model.config.n_positions
+        limit = _positions(model)
         if not isinstance(max_length, int) or isinstance(max_length, bool) or not 1 <= max_length <= limit:
             raise TaskError(f"max_length must be an integer from 1 to the model's {limit} positions, got {max_length!r}")
         window = max_length
     return LMScorer(model, tokenizer, block_size=window, device=device, batch_size=batch_size,
                     max_batch_size=max_batch_size)
+
+
+def _positions(model) -> int:
+    """The context length of a plain model (a transformers model names it its own way)."""
+    return model.n_positions if isinstance(model, HFCausalLM) else model.config.n_positions
 
 
 def read_jsonl(path) -> list[dict]:

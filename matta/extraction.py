@@ -13,6 +13,10 @@ With d_model nesting the residual stream has one width for the whole extracted m
 `d_model="narrow"` (the Student's) or `"wide"` (the TA's). By default it is narrow unless
 every kept layer is wide.
 
+A nested Hugging Face model (`NestedHFCausalLM`) gives an `HFCausalLM`: the same transformers
+class, holding copies of the kept layers, each FFN at its chosen width (in memory the widths may
+differ per layer; `matta.hf.export_hf` explains how they are written).
+
 A model spec is the string form of a choice, as the command line, results.json and
 lm-evaluation-harness's `stream=` write it: "student", "ta", "wide_narrow_wide:K", or one
 of wide/narrow/skip per TA layer joined by "/" (`parse_spec`, `extract_spec`, `spec_label`).
@@ -24,7 +28,7 @@ from typing import NamedTuple, Sequence
 import torch
 
 from .layers.nested_linear import plain_linear
-from .models import GAU, GPT2, NestedGAU, NestedGPT2, NestedLM
+from .models import GAU, GPT2, NestedGAU, NestedGPT2, NestedHFCausalLM, NestedLM
 from .models.gau import GAULayerShape, gau_num_parameters
 from .models.gpt2 import BlockShape, gpt2_num_parameters
 from .nestify import Nestified
@@ -52,7 +56,8 @@ def wide_narrow_wide(n_layers: int, k: int) -> tuple[str, ...]:
 def layer_choices(model, layers="student", *, k=None) -> tuple[str, ...]:
     """One of LAYER_CHOICES per layer of the TA's stack, for a preset name or a list."""
     if not isinstance(model, NestedLM):
-        raise TypeError(f"layer_choices needs a nested model (a NestedGPT2 or NestedGAU), got {type(model).__name__}")
+        raise TypeError(f"layer_choices needs a nested model (a NestedGPT2, NestedGAU or NestedHFCausalLM), got "
+                        f"{type(model).__name__}")
     depth = model.depth
     if not model.nest.share_weights and layers not in ("student", "ta"):
         raise ValueError(
@@ -219,16 +224,17 @@ def extract(model, layers="student", *, k=None, d_model=None):
     """A standalone plain model cut out of a nested one (Mix'n'Match).
 
     Args:
-        model: a NestedGPT2 or NestedGAU (any layer choice), or a `nestify` result
-            ("student" or "ta" only).
+        model: a NestedGPT2, NestedGAU or NestedHFCausalLM (any layer choice), or a
+            `nestify` result ("student" or "ta" only).
         layers: "student", "ta", "wide_narrow_wide" (with k), or a list with one of
             "wide" / "narrow" / "skip" per layer of the TA's stack (TA-only layers included).
         k: number of wide layers for "wide_narrow_wide": the lowest k/2 and highest k/2.
         d_model: residual width under d_model nesting: "narrow", "wide", or None (narrow
             unless every kept layer is wide; "student" is always narrow).
     Returns:
-        GPT2 or GAU (plain nn.Linear layers), or for a nestified model a copy of the
-        original module with the chosen widths. Same train/eval mode as `model`.
+        GPT2 or GAU (plain nn.Linear layers), HFCausalLM for a NestedHFCausalLM, or for a
+        nestified model a copy of the original module with the chosen widths. Same train/eval
+        mode as `model`.
     """
     if isinstance(model, Nestified):
         if layers not in ("student", "ta") or k is not None or d_model is not None:
@@ -252,8 +258,17 @@ def _count_gau(model, choices, d, non_embedding):
     return gau_num_parameters(*_gau_plan(model, choices, d), non_embedding=non_embedding)
 
 
+def _extract_hf(model: NestedHFCausalLM, choices, d):
+    return model.plain_model(choices)  # no d_model nesting: d is the model's width
+
+
+def _count_hf(model: NestedHFCausalLM, choices, d, non_embedding):
+    return model.plain_parameters(choices, non_embedding)
+
+
 # Per family: how to extract a model, and how to count its parameters without building it.
-_FAMILIES = ((NestedGPT2, _extract_gpt2, _count_gpt2), (NestedGAU, _extract_gau, _count_gau))
+_FAMILIES = ((NestedGPT2, _extract_gpt2, _count_gpt2), (NestedGAU, _extract_gau, _count_gau),
+             (NestedHFCausalLM, _extract_hf, _count_hf))
 
 
 def _resolve(model, layers, k, d_model):
@@ -265,7 +280,7 @@ def _resolve(model, layers, k, d_model):
     for cls, extract_as, count in _FAMILIES:
         if isinstance(model, cls):
             return extract_as, count, choices, d
-    raise TypeError(f"extract knows NestedGPT2 and NestedGAU, not {type(model).__name__}")
+    raise TypeError(f"extract knows NestedGPT2, NestedGAU and NestedHFCausalLM, not {type(model).__name__}")
 
 
 def wide_narrow_wide_family(model, ks: Sequence[int] | None = None, *, d_model=None) -> list[SubModelSpec]:

@@ -1,4 +1,8 @@
-"""Saving extracted models: the Hugging Face GPT-2 layout, and matta's own format.
+"""Saving extracted models: Hugging Face layouts, and matta's own format.
+
+`export_hf(model, out_dir)` writes a plain `HFCausalLM` (what `extract` cuts out of a nested
+Hugging Face model, `matta.nest_hf`) as a folder its own transformers class loads with
+`from_pretrained`; see its docstring for models whose FFN widths differ per layer.
 
 `export_hf_gpt2(model, out_dir)` writes a uniform-width plain `GPT2` (what `extract`
 returns) as `config.json` + `model.safetensors` in the Hugging Face GPT-2 layout, so
@@ -25,8 +29,9 @@ import os
 
 import torch
 
-from .models import GAU, GPT2, BlockShape, GAUConfig, GAULayerShape, GPT2Config
+from .models import GAU, GPT2, BlockShape, GAUConfig, GAULayerShape, GPT2Config, HFCausalLM
 from .models.gpt2 import split_nested_qkv
+from .nestify import is_conv1d
 
 FORMAT_NAME = "matta-extracted"
 FORMAT_VERSION = 1
@@ -100,6 +105,41 @@ def export_hf_gpt2(model: GPT2, out_dir) -> None:
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(hf_config, f, indent=2)
     _save_tensors(tensors, os.path.join(out_dir, WEIGHTS_FILE))
+
+
+def export_hf(model: HFCausalLM, out_dir) -> None:
+    """Write a plain HFCausalLM as a folder that its transformers class loads with
+    `from_pretrained` (`save_pretrained`'s config.json and model.safetensors).
+
+    The configs of these families state one FFN width for every layer. A Mix'n'Match model's
+    narrower FFNs are written zero-padded to the widest one (`config.<ffn width field>`): the
+    padded units' input weights and biases and their output weights are zero, so each adds an
+    exact 0 and the folder computes what the model in memory computes. The price: the folder
+    stores, and a plain transformers forward runs, every FFN at the widest width, so a layer of
+    width w costs 3 d w_max (gated FFN; 2 d w_max + w_max for GPT-2) parameters and as many
+    multiply-adds per token instead of 3 d w. `model.num_parameters()` counts the true widths.
+    """
+    if not isinstance(model, HFCausalLM):
+        raise TypeError(f"export_hf needs a plain HFCausalLM (from matta.extract of a nested Hugging Face model), "
+                        f"got {type(model).__name__}")
+    hf, family = model.hf, model.family
+    width = getattr(hf.config, family.ffn_width)
+    state = hf.state_dict()
+    for i, layer in enumerate(hf.get_submodule(family.layers)):
+        mlp = layer.get_submodule(family.mlp)
+        for name in (*family.ffn_in, family.ffn_out):
+            proj, key = getattr(mlp, name), f"{family.layers}.{i}.{family.mlp}.{name}"
+            # The FFN-unit axis: rows of an input projection's nn.Linear weight, columns of the
+            # output projection's; Conv1D stores the transpose.
+            unit_dim = (0 if name in family.ffn_in else 1) ^ int(is_conv1d(proj))
+            for leaf, tensor in (("weight", proj.weight), ("bias", proj.bias)):
+                dim = unit_dim if leaf == "weight" else 0
+                if tensor is None or (leaf == "bias" and name == family.ffn_out) or tensor.shape[dim] == width:
+                    continue
+                pad = list(tensor.shape)
+                pad[dim] = width - tensor.shape[dim]
+                state[f"{key}.{leaf}"] = torch.cat([tensor.detach(), tensor.new_zeros(pad)], dim=dim)
+    hf.save_pretrained(out_dir, state_dict=state)
 
 
 def save_extracted(model, out_dir) -> None:

@@ -146,5 +146,5 @@ def test_bad_layer_choices(layers, kwargs, message):
 
 
 def test_extract_rejects_other_modules():
-    with pytest.raises(TypeError, match="NestedGPT2 or NestedGAU"):
+    with pytest.raises(TypeError, match="NestedGPT2, NestedGAU or NestedHFCausalLM"):
         extract(nn.Linear(3, 4), "student")

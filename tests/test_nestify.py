@@ -126,3 +126,28 @@ def test_misuse_messages():
         extract(nested, "wide_narrow_wide", k=2)
     with pytest.raises(TypeError, match="needs an nn.Module"):
         nestify("model", WIDTHS)
+
+
+def test_hugging_face_conv1d_layers(tmp_path):
+    """GPT-2's Conv1D projections (weight stored (in, out)) nest like nn.Linear, and the
+    Student comes back as Conv1D layers that the checkpoint layout expects."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(vocab_size=50, n_embd=16, n_layer=2, n_head=2, n_inner=24, n_positions=16)
+    original = transformers.GPT2LMHeadModel(config).eval()
+    nested = nestify(original, {"*.mlp.c_fc": (None, 41), "*.mlp.c_proj": (41, None)}).eval()
+    conv = type(original.transformer.h[0].mlp.c_fc)
+    assert isinstance(nested.module.transformer.h[0].mlp.c_fc, NestedLinear)
+    idx = torch.randint(0, 50, (3, 9))
+    with torch.no_grad():
+        ref = original(idx, use_cache=False).logits
+        out_s, out_ta = nested(idx, use_cache=False)
+    # both streams ride one stacked batch: equal to rounding, not bit for bit (see nestify's docstring)
+    torch.testing.assert_close(out_s.logits, ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out_ta.logits, ref, rtol=1e-5, atol=1e-6)  # new units start with zero outputs
+    student = nested.student()
+    assert type(student.transformer.h[1].mlp.c_proj) is conv
+    student.save_pretrained(tmp_path / "student")
+    reloaded = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "student").eval()
+    with torch.no_grad():
+        assert torch.equal(reloaded(idx).logits, ref)
+    assert nested.ta().transformer.h[0].mlp.c_fc.weight.shape == (16, 41)

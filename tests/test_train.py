@@ -97,13 +97,14 @@ def test_gradient_accumulation_matches_the_full_batch(tmp_path, corpus):
         torch.testing.assert_close(q, p, rtol=1e-3, atol=1e-5, msg=name)
 
 
-def crash_and_resume(tmp_path, corpus, monkeypatch, busy=None, **common):
+def crash_and_resume(tmp_path, corpus, monkeypatch, busy=None, config=tiny, **common):
     """An uninterrupted run, and one killed after step 4 (checkpoint at 3) then resumed
-    (with `busy` entered around the broken run and the resume); returns both Runs."""
-    straight = Run(tiny(tmp_path, corpus, "straight", **common))
+    (with `busy` entered around the broken run and the resume); returns both Runs.
+    `config(tmp_path, corpus, name, **common)` makes their TrainConfigs."""
+    straight = Run(config(tmp_path, corpus, "straight", **common))
     straight.train()
 
-    cfg = tiny(tmp_path, corpus, "broken", **common)
+    cfg = config(tmp_path, corpus, "broken", **common)
     real_step = Run.train_step
 
     def crash_after_4(self):

@@ -31,36 +31,48 @@ def check_tokens(idx, n_positions):
 
 
 def ids_checked_on_host(idx) -> bool:
-    """Whether `embed_tokens` checks ids with the CPU's gather (which raises at once) rather
-    than on the device (a GPU, or inside torch.compile: NaN rows and a deferred report)."""
+    """Whether token ids are checked with the CPU's gather (which raises at once) rather than
+    on the device (a GPU, or inside torch.compile: NaN outputs and a deferred report)."""
     return idx.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
+def check_ids_on_host(idx, vocab_size: int) -> None:
+    """Raises ValueError for a token id outside [0, vocab_size): a gather from a zero-width
+    table of vocab_size rows checks every id's bounds in C++ without reading the ids into
+    Python (a training step still never reads a tensor on the host)."""
+    try:
+        torch.index_select(idx.new_empty(vocab_size, 0, dtype=torch.float32), 0, idx.reshape(-1))
+    except (IndexError, RuntimeError):
+        outside = (idx < 0) | (idx >= vocab_size)
+        if not outside.any():
+            raise
+        raise ValueError(f"token id {idx[outside][0].item()} is outside the vocabulary [0, {vocab_size}); "
+                         "the ids must come from the model's tokenizer") from None
+
+
+def ids_outside(idx, vocab_size: int, report=None):
+    """On the device: the mask of ids outside [0, vocab_size), filed in `report` (a
+    DeferredReport) when one is given; the caller makes those tokens' outputs NaN."""
+    outside = (idx < 0) | (idx >= vocab_size)
+    if report is not None:
+        report.add(outside.any(), f"token ids outside the vocabulary [0, {vocab_size})")
+    return outside
 
 
 def embed_tokens(wte: nn.Embedding, idx, vocab_size: int, report=None):
     """The rows of `wte` for the ids in `idx`, which must lie in the true vocabulary
     [0, vocab_size): the table's padding rows beyond it are never read.
 
-    On the CPU an id outside raises ValueError at once: a gather from the table's first
-    vocab_size rows checks every id's bounds in C++, without reading the ids into Python
-    (a training step still never reads a tensor on the host). Elsewhere (a GPU, or inside
-    torch.compile) checking would stall the step on a host read, so the row of such an id
-    becomes NaN instead (its logits and the loss with it) and, when the caller passes a
-    `DeferredReport` (matta.ops.deferred), the failed check is filed there for the caller to
-    read where it reads device values anyway.
+    On the CPU an id outside raises ValueError at once (`check_ids_on_host`). Elsewhere (a
+    GPU, or inside torch.compile) checking would stall the step on a host read, so the row of
+    such an id becomes NaN instead (its logits and the loss with it) and, when the caller
+    passes a `DeferredReport` (matta.ops.deferred), the failed check is filed there for the
+    caller to read where it reads device values anyway.
     """
     if ids_checked_on_host(idx):
-        try:
-            torch.index_select(wte.weight.detach()[:vocab_size, :1], 0, idx.reshape(-1))
-        except (IndexError, RuntimeError):
-            outside = (idx < 0) | (idx >= vocab_size)
-            if not outside.any():
-                raise
-            raise ValueError(f"token id {idx[outside][0].item()} is outside the vocabulary [0, {vocab_size}); "
-                             "the ids must come from the model's tokenizer") from None
+        check_ids_on_host(idx, vocab_size)
         return wte(idx)
-    outside = (idx < 0) | (idx >= vocab_size)
-    if report is not None:
-        report.add(outside.any(), f"token ids outside the vocabulary [0, {vocab_size})")
+    outside = ids_outside(idx, vocab_size, report)
     rows = wte(idx.masked_fill(outside, 0))  # an id past the table would be a device assert
     return rows.masked_fill(outside.unsqueeze(-1), float("nan"))
 

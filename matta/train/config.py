@@ -24,6 +24,7 @@ from pathlib import Path
 from ..losses import RAMP_SCHEDULES
 from .tasks import TASKS
 
+HF_MODEL = "hf:"  # --model hf:FOLDER
 MODES = ("matta", "student", "ta")
 OPTIMIZERS = ("adamw", "shampoo")
 DTYPES = ("auto", "bf16", "fp32")
@@ -116,6 +117,16 @@ class TrainConfig:
     def __post_init__(self):
         if self.model is None and self.task in TASKS:
             object.__setattr__(self, "model", TASKS[self.task].default_model)
+
+    @property
+    def hf_model_folder(self) -> str | None:
+        """The folder of `--model hf:FOLDER` (a Hugging Face causal LM to nest), else None."""
+        return self.model[len(HF_MODEL):] if self.model and self.model.startswith(HF_MODEL) else None
+
+    @property
+    def data_tokenizer(self) -> str:
+        """The tokenizer choice of the run's data: a Hugging Face model's own, else --tokenizer."""
+        return self.model if self.hf_model_folder is not None else self.tokenizer
 
     @property
     def steps(self) -> int:

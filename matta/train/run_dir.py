@@ -2,8 +2,9 @@
 
 `matta train --out RUN_DIR` writes:
     config.json      the resolved TrainConfig (with the CPU thread count used)
-    model.json       {"kind": "gpt2" | "gau", "vocab_size", "config": the Student's model
-                     config, "nesting": the NestingConfig}: what rebuilds the model
+    model.json       {"kind": "gpt2" | "gau" | "hf", "vocab_size", "config": the Student's model
+                     config (for "hf" its transformers config.json), "nesting": the
+                     NestingConfig}: what rebuilds the model
     tokenizer.json   the tokenizer (absent for pre-tokenised data without one)
     metrics.jsonl    one JSON record per log step ("train") and per evaluation ("eval")
     checkpoints/     atomic checkpoints, each verified by its manifest (checkpoint.py); a resume
@@ -15,8 +16,12 @@
 
 `build_model(cfg, vocab_size)` makes the nested model a TrainConfig asks for;
 `load_run(run_dir)` gives back (config, model with the latest weights, tokenizer), and
-`load_teacher(path, ...)` a frozen Teacher from a run or a Hugging Face GPT-2 folder.
+`load_teacher(path, ...)` a frozen Teacher from a run or a Hugging Face model folder.
 `RunDirLock` keeps a second process out of a folder that a live one writes.
+
+`--model hf:FOLDER` nests the Hugging Face causal LM in FOLDER (`NestedHFCausalLM.from_folder`:
+its weights are the Student, `--ffn-ta` and `--extra-layers` shape the TA) and reads the data
+with that folder's tokenizer (`TrainConfig.data_tokenizer`).
 """
 from __future__ import annotations
 
@@ -29,7 +34,7 @@ from pathlib import Path
 from .._atomic import write_json_atomic, write_text_atomic
 from ..data import tokenizer_from_json
 from ..models import GAU_PRESETS, GPT2_PRESETS, GAUConfig, GPT2Config, NestedGAU, NestedGPT2, NestedLM, NestingConfig
-from ..models import load_hf_gpt2
+from ..models import HFModelConfig, NestedHFCausalLM, load_hf_causal, load_hf_gpt2
 from .checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
 from .config import ConfigError, TrainConfig, make_config
 from .tasks import task_for
@@ -38,23 +43,62 @@ from .tasks import task_for
 ARCHITECTURES = {
     NestedGPT2.architecture: (NestedGPT2, GPT2Config, GPT2_PRESETS),
     NestedGAU.architecture: (NestedGAU, GAUConfig, GAU_PRESETS),
+    NestedHFCausalLM.architecture: (NestedHFCausalLM, HFModelConfig, {}),  # --model hf:FOLDER
 }
 MODEL_INFO = "model.json"
 METRICS = "metrics.jsonl"
 RESULTS = "results.json"
 
 
+def _hf_model_configs(cfg: TrainConfig, vocab_size: int):
+    """("hf", HFModelConfig, NestingConfig) for --model hf:FOLDER; flags that reshape the Student
+    (the folder fixes it) and the data vocabulary are checked against the folder."""
+    folder = cfg.hf_model_folder
+    for name in ("n_layer", "n_embd", "n_head", "ffn", "d_model_ta", "n_head_ta"):
+        if getattr(cfg, name) is not None:
+            raise ConfigError(f"--{name.replace('_', '-')} does not apply to --model {cfg.model} (the folder fixes the "
+                              "Student; --ffn-ta and --extra-layers shape the TA); drop it")
+    checks = ((cfg.tokenizer == "auto", f"--model {cfg.model} reads its folder's own tokenizer; drop --tokenizer"),
+              (cfg.dropout == 0.0, f"--dropout does not apply to --model {cfg.model}: the model keeps the dropout of "
+                                   "its config.json"),
+              (cfg.share_weights, "--no-share-weights is not available for Hugging Face models (their attention is "
+                                  "not nested)"))
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+    path = Path(folder)
+    try:
+        info = json.loads((path / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"--model {cfg.model}: cannot read {path / 'config.json'} ({type(exc).__name__}); pass a "
+                          "Hugging Face model folder (config.json, weights, tokenizer.json)") from None
+    model_vocab = info.get("vocab_size")
+    if isinstance(model_vocab, int) and vocab_size > model_vocab:
+        raise ConfigError(f"--model {cfg.model}: the tokenizer has {vocab_size} ids but the model only {model_vocab} "
+                          "embedding rows; use the folder the tokenizer belongs to")
+    nest = NestingConfig(ffn_ta=cfg.ffn_ta, extra_layers=cfg.extra_layers or 0,
+                         extra_layer_positions=cfg.extra_layer_positions)
+    return NestedHFCausalLM.architecture, HFModelConfig(info, source=folder), nest
+
+
 def model_configs(cfg: TrainConfig, vocab_size: int):
     """(architecture, Student model config, NestingConfig) for `cfg` and a data vocabulary."""
-    kind = next((name for name, (_, _, presets) in ARCHITECTURES.items() if cfg.model in presets), None)
+    if cfg.hf_model_folder is not None:
+        kind = NestedHFCausalLM.architecture
+    else:
+        kind = next((name for name, (_, _, presets) in ARCHITECTURES.items() if cfg.model in presets), None)
     if kind is None:
         known = sorted(p for _, _, presets in ARCHITECTURES.values() for p in presets)
-        raise ConfigError(f"unknown model {cfg.model!r}; choose one of {', '.join(known)}")
-    _, config_cls, presets = ARCHITECTURES[kind]
+        raise ConfigError(f"unknown model {cfg.model!r}; choose one of {', '.join(known)}, or hf:FOLDER")
     task = task_for(cfg)
     if kind not in task.architectures:
-        raise ConfigError(f"--task {task.name} trains {task.what}; use a {' or '.join(a + '-*' for a in task.architectures)} "
-                          f"model (the default is {task.default_model}), not {cfg.model!r}")
+        families = " or ".join("hf:FOLDER" if a == NestedHFCausalLM.architecture else a + "-*"
+                               for a in task.architectures)
+        raise ConfigError(f"--task {task.name} trains {task.what}; use a {families} model (the default is "
+                          f"{task.default_model}), not {cfg.model!r}")
+    if kind == NestedHFCausalLM.architecture:
+        return _hf_model_configs(cfg, vocab_size)
+    _, config_cls, presets = ARCHITECTURES[kind]
     overrides = {"vocab_size": vocab_size, "dropout": cfg.dropout}
     for name in ("n_layer", "n_embd"):
         if getattr(cfg, name) is not None:
@@ -86,12 +130,26 @@ def model_configs(cfg: TrainConfig, vocab_size: int):
 
 
 def build_model(cfg: TrainConfig, vocab_size: int) -> NestedLM:
-    """The nested model `cfg` describes (freshly initialised; on the default device)."""
+    """The nested model `cfg` describes (freshly initialised, or a Hugging Face model's weights
+    as the Student; on the default device)."""
     kind, model_cfg, nest = model_configs(cfg, vocab_size)
     try:
+        if kind == NestedHFCausalLM.architecture:
+            model = NestedHFCausalLM.from_folder(model_cfg.source, nest)
+            _check_hf_model(cfg, model)
+            return model
         return ARCHITECTURES[kind][0](model_cfg, nest)
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, OSError, ImportError) as exc:
         raise ConfigError(f"bad model configuration: {exc}") from None
+
+
+def _check_hf_model(cfg: TrainConfig, model: NestedHFCausalLM) -> None:
+    if model.logit_softcap is not None:
+        raise ConfigError(f"--model {cfg.model} soft-caps its logits (c tanh(z / c), c = {model.logit_softcap}), which "
+                          "the fused MatTA loss (a linear head) does not compute; train it in your own loop on "
+                          "model(idx)'s logits with matta.MatTALoss")
+    if cfg.block_size > model.n_positions:
+        raise ConfigError(f"--block-size {cfg.block_size} exceeds the {model.n_positions} positions of --model {cfg.model}")
 
 
 def model_info(model: NestedLM, vocab_size: int) -> dict:
@@ -156,26 +214,49 @@ def load_run(run_dir, device="cpu"):
     return cfg, model.to(device).eval(), tokenizer
 
 
+HF_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+def is_hf_folder(path) -> bool:
+    """Whether `path` holds a Hugging Face model: config.json and weights (one file or shards)."""
+    path = Path(path)
+    return (path / "config.json").is_file() and any((path / name).is_file() for name in HF_WEIGHT_FILES)
+
+
+def load_hf_folder(path):
+    """The model in a Hugging Face folder: a one-file GPT-2 as matta's plain GPT2 (no
+    transformers needed), anything else through transformers (an HFCausalLM)."""
+    path = Path(path)
+    one_file = any((path / name).is_file() for name in ("model.safetensors", "pytorch_model.bin"))
+    if one_file and json.loads((path / "config.json").read_text()).get("model_type", "gpt2") == "gpt2":
+        return load_hf_gpt2(path)
+    return load_hf_causal(path)
+
+
 def load_teacher(path, vocab_size: int, device):
     """A frozen Teacher: a matta run directory (its nested model; the TA teaches) or a
-    Hugging Face GPT-2 folder (config.json + model.safetensors or pytorch_model.bin)."""
+    Hugging Face model folder (config.json + model.safetensors or pytorch_model.bin), which must
+    predict `vocab_size` classes (the rows of the Student's head)."""
     path = Path(path)
     if (path / "config.json").is_file() and (path / "checkpoints").is_dir():
         _, teacher, _ = load_run(path, device)
-    elif (path / "config.json").is_file() and any((path / n).is_file() for n in ("model.safetensors", "pytorch_model.bin")):
+    elif is_hf_folder(path):
         try:
-            teacher = load_hf_gpt2(path)
-        except (OSError, KeyError, ValueError, RuntimeError) as exc:
-            raise CheckpointError(f"--teacher {path}: cannot read the Hugging Face GPT-2 checkpoint ({exc})") from None
+            teacher = load_hf_folder(path)
+        except (OSError, KeyError, ValueError, RuntimeError, ImportError) as exc:
+            raise CheckpointError(f"--teacher {path}: cannot read the Hugging Face checkpoint ({exc})") from None
+        if getattr(teacher, "logit_softcap", None) is not None:
+            raise ConfigError(f"--teacher {path} soft-caps its logits, which the fused loss's linear Teacher head "
+                              "does not compute; use a Teacher with linear logits")
     else:
         raise ConfigError(
-            f"--teacher {path} is neither a matta run directory nor a Hugging Face GPT-2 folder "
+            f"--teacher {path} is neither a matta run directory nor a Hugging Face model folder "
             "(config.json + model.safetensors); pass one of those"
         )
     teacher_vocab = teacher.lm_head_weight.shape[0]
     if teacher_vocab != vocab_size:
         raise ConfigError(
-            f"--teacher {path} predicts {teacher_vocab} token ids but the data has {vocab_size}; "
+            f"--teacher {path} predicts {teacher_vocab} token ids but the Student {vocab_size}; "
             "use a Teacher trained with the same tokenizer (--tokenizer/--data)"
         )
     return teacher.to(device).eval().requires_grad_(False)

@@ -94,7 +94,7 @@ class LanguageModelTask(Task):
     name = "lm"
     what = "a language model"
     default_model = "gpt2-tiny"
-    architectures = ("gpt2", "gau")
+    architectures = ("gpt2", "gau", "hf")
     metric = "val_loss"
     metric_label = "validation loss"
     eval_key = "val"
@@ -102,7 +102,7 @@ class LanguageModelTask(Task):
     columns = (Column("val loss", "val_loss", ".4f"), Column("perplexity", "perplexity", ".2f"))
 
     def load_data(self, cfg):
-        return load_data(cfg.data, block_size=cfg.block_size, seed=cfg.seed, tokenizer=cfg.tokenizer,
+        return load_data(cfg.data, block_size=cfg.block_size, seed=cfg.seed, tokenizer=cfg.data_tokenizer,
                          vocab_size=cfg.vocab_size, val_fraction=cfg.val_fraction, bin_dtype=cfg.bin_dtype)
 
     def model_overrides(self, cfg, preset) -> dict:

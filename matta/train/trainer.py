@@ -115,7 +115,8 @@ class Run:
         self.optimizer = build_optimizer(cfg, self.model, self.report)
         self.max_steps = total_steps(cfg, ctx.world)
         self.schedule = Schedule(cfg, self.max_steps, self.optimizer, criterion)
-        self.teacher = load_teacher(cfg.teacher, vocab, ctx.device) if cfg.teacher else None
+        # A Teacher predicts the rows of the Student's head (a transformers head may have more than the tokenizer's ids).
+        self.teacher = load_teacher(cfg.teacher, self.model.lm_head_weight.shape[0], ctx.device) if cfg.teacher else None
         self.identity = run_identity(cfg.optimizer, model_info(self.model, vocab))
         self.step = 0
         if ckpt_path is not None:
