@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from matta import cli
 from matta.costmodel import (CARDS, DeviceCard, StepTracer, card_for_cuda_device, fake_device_tracing, load_card,
                              new_fake_mode, trace_training_step)
-from matta.costmodel.formulas import GEMM, OpCost
+from matta.costmodel.formulas import COLLECTIVE, GEMM, OpCost
 from matta.costmodel.predict import ddp_buckets, predict, price, ring_all_reduce
 from matta.ops.nested_linear import _torch_backward, _torch_forward, nested_linear
 from matta.train import build_model, make_config
@@ -163,7 +163,7 @@ def test_gpu_trace_runs_the_gpu_branches():
 def test_shampoo_root_step_is_traced_and_amortised():
     cfg = make_config(dict(TINY, optimizer="shampoo", precondition_frequency=5))
     tr = trace_training_step(cfg, 97, CARDS["h100"], newton_iterations=3)
-    assert tr.root_records and tr.root_matrices
+    assert tr.root_records
     assert any(r.cost.op == "aten::bmm" for r in tr.root_records)  # batched Newton on a GPU
     pred = predict(tr, world=1)
     assert pred.root_extra > 0 and pred.frequency == 5
@@ -178,6 +178,29 @@ def test_ddp_adds_exposed_communication():
     assert one.phases["communication"] == 0 and eight.phases["communication"] > 0
     assert eight.comm_total >= eight.phases["communication"]
     assert eight.tokens_per_second > one.tokens_per_second
+
+
+def test_shampoo_under_ddp_is_traced_as_one_rank_of_its_share():
+    cfg = make_config(dict(TINY, optimizer="shampoo", precondition_frequency=5, block_size=32))
+    one = trace_training_step(cfg, 97, CARDS["h100"], newton_iterations=3)
+    two = trace_training_step(cfg, 97, CARDS["h100"], world=2, newton_iterations=3)
+    assert not torch.distributed.is_initialized()  # the fake process group is gone again
+
+    def factor_blocks(tr):  # blocks of each batched product of the steady step
+        return [int(r.cost.shape.strip("(").split(",")[0]) for r in tr.records
+                if r.phase == "optimizer" and r.cost.op == "aten::bmm"]
+
+    assert factor_blocks(one) and factor_blocks(two) == [-(-n // 2) for n in factor_blocks(one)]  # rank 0's share
+    collectives = [r.cost for r in two.records if r.cost.kind == COLLECTIVE]
+    assert collectives and all(c.wire > 0 and c.net_steps == 1 for c in collectives)  # ring of 2: 1 step
+    assert not [r for r in one.records if r.cost.kind == COLLECTIVE]
+    gather = price(collectives[0], CARDS["h100"])
+    assert gather.total == pytest.approx(collectives[0].wire / (0.8 * CARDS["h100"].link) + 10e-6 + 4e-6)
+    assert predict(two, world=2).phases["optimizer"] > sum(price(c, CARDS["h100"]).total for c in collectives)
+    with pytest.raises(ValueError, match="trace with world=4"):
+        predict(two, world=4)
+    adamw = trace_training_step(make_config(TINY), 97, CARDS["h100"])
+    assert predict(adamw, world=4).world == 4  # AdamW's step does not depend on the world: one trace prices all
 
 
 def test_cards_and_overrides():

@@ -59,9 +59,11 @@ def run(args, train_values: dict) -> int:
         raise ConfigError(f"--gpus must be >= 1, got {' '.join(map(str, args.gpus))}")
     cfg = make_config(train_values)
     vocab = cfg.vocab_size or GPT2_VOCAB
-    trace = trace_training_step(cfg, vocab, card, newton_iterations=args.newton_iterations, with_locations=args.where)
-    summaries = []
+    summaries, trace = [], None
     for world in args.gpus:
+        if trace is None or (trace.splits_over_ranks and trace.world != world):  # Shampoo: a trace per world
+            trace = trace_training_step(cfg, vocab, card, world=world, newton_iterations=args.newton_iterations,
+                                        with_locations=args.where)
         try:
             pred = predict(trace, card, world=world, top=args.top)
         except ValueError as exc:

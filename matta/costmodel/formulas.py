@@ -12,6 +12,10 @@ Op kinds (what the overhead split of `matta cost` groups by):
     attention  SDPA kernels (FlashAttention-style: causal halves the products)
     memory     everything else: element-wise passes, reductions, copies, casts, fills,
                norms, the optimizer's arithmetic
+    collective torch.distributed collectives an op issues itself (Shampoo's gather of the
+               directions of its share of blocks), priced on the card's interconnect as NCCL
+               rings: bytes each rank sends, and the ring's steps; DDP's gradient all-reduce
+               is not traced (`predict` models it)
 
 Launches are counted as they happen on the device kind:
 - "gpu": one kernel per op; multi-tensor ops (`_foreach_*`, fused Adam) pack up to
@@ -31,7 +35,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils._pytree import tree_leaves
 
-GEMM, ATTENTION, MEMORY = "gemm", "attention", "memory"
+GEMM, ATTENTION, MEMORY, COLLECTIVE = "gemm", "attention", "memory", "collective"
 
 # Ops that move no data on a device: views, allocations (the caching allocator), metadata.
 FREE_OPS = frozenset(
@@ -85,6 +89,8 @@ class OpCost:
     dtype: str = "fp32"  # the matrix-product dtype key (gemm / attention)
     shape: str = ""
     min_dim: int = 0  # a GEMM's smallest dimension (0: not a GEMM), for the card's gemm_curve
+    wire: float = 0.0  # a collective's bytes sent by each rank over its link
+    net_steps: int = 0  # a collective's ring steps (each pays the card's network latency)
 
     @property
     def bytes(self) -> float:
@@ -261,6 +267,8 @@ def op_cost(func, args, kwargs, out, card_kind: str, sm_count: int = 132) -> OpC
     custom = CUSTOM_COSTS.get(name)
     if custom is not None:
         return custom(args, kwargs, card_kind)
+    if name.startswith("c10d::"):
+        return _collective_cost(name, args)
     bound = _bound(schema, args, kwargs)
     read, written, elements = _reads_writes(name, bound, out)
     if name in _MATMULS:
@@ -281,6 +289,27 @@ def op_cost(func, args, kwargs, out, card_kind: str, sm_count: int = 132) -> OpC
                       _MATMUL_KEYS.get(a.dtype, "fp32"), str(tuple(a.shape)), a.shape[-1])
     shape = str(tuple(_tensors(args)[0].shape)) if _tensors(args) else ""
     return OpCost(name, MEMORY, float(elements), read, written, launches, shape=shape)
+
+
+def _collective_cost(name, args) -> OpCost:
+    """A c10d collective as an NCCL ring over the process group in its arguments: an
+    all-gather sends (p-1)/p of its output from each rank in p-1 steps, an all-reduce twice
+    that, a broadcast (pipelined) all of it; anything else is priced as a broadcast."""
+    # The dispatcher passes the group boxed, as a ScriptObject.
+    groups = [a for a in args if isinstance(a, torch.ScriptObject)]
+    world = torch.distributed.ProcessGroup.unbox(groups[0]).size() if groups else 1
+    tensors = _tensors(args)
+    nbytes = sum(tensor_bytes(t) for t in (tensors[:1] if "allgather" in name else tensors))
+    if world <= 1:
+        wire, steps = 0.0, 0
+    elif "allgather" in name:
+        wire, steps = (world - 1) / world * nbytes, world - 1
+    elif "allreduce" in name:
+        wire, steps = 2 * (world - 1) / world * nbytes, 2 * (world - 1)
+    else:
+        wire, steps = nbytes, world - 1
+    shape = str(tuple(tensors[0].shape)) if tensors else ""
+    return OpCost(name, COLLECTIVE, 0.0, 0.0, 0.0, 1, shape=shape, wire=wire, net_steps=steps)
 
 
 # Costs of the cost model's own stand-in ops (matta/costmodel/lowering.py): name -> function.

@@ -19,7 +19,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 from .cards import DeviceCard
-from .formulas import ATTENTION, GEMM, OpCost
+from .formulas import ATTENTION, COLLECTIVE, GEMM, OpCost
 from .step import StepTrace
 
 PHASES = ("forward", "loss", "backward", "optimizer", "communication", "other")
@@ -37,6 +37,12 @@ class OpTime:
 
 
 def price(cost: OpCost, card: DeviceCard) -> OpTime:
+    launch = cost.launches * card.launch
+    if cost.kind == COLLECTIVE:
+        if cost.wire and card.link <= 0:
+            raise ValueError(f"card {card.name} has no interconnect bandwidth; it cannot price {cost.op}")
+        network = cost.wire / (card.e_net * card.link) + cost.net_steps * card.net_latency if cost.wire else 0.0
+        return OpTime(network + launch, 0.0, network, launch)
     if cost.kind == GEMM:
         compute = cost.flops / (card.e_c * card.gemm_share(cost.min_dim) * card.matmul_peak(cost.dtype))
     elif cost.kind == ATTENTION:
@@ -44,7 +50,6 @@ def price(cost: OpCost, card: DeviceCard) -> OpTime:
     else:
         compute = cost.flops / (card.e_c * card.vector_flops) if card.vector_flops else 0.0
     memory = cost.bytes / (card.e_m * card.bandwidth)
-    launch = cost.launches * card.launch
     return OpTime(max(compute, memory) + launch, compute, memory, launch)
 
 
@@ -135,6 +140,9 @@ def predict(trace: StepTrace, card: DeviceCard | None = None, world: int = 1, to
     card = card or trace.card
     if isinstance(world, bool) or not isinstance(world, int) or world < 1:
         raise ValueError(f"world size must be an int >= 1, got {world!r}")
+    if trace.splits_over_ranks and trace.world != world:
+        raise ValueError(f"this trace is of {trace.world} rank(s), and its optimizer shares its work over the ranks: "
+                         f"trace with world={world} to price {world} GPUs")
     phases, useful, launches, kinds, groups, overheads = _phase_sums(trace.records, card)
     syncs = trace.syncs
     phases = {p: phases.get(p, 0.0) for p in PHASES}
@@ -144,11 +152,9 @@ def predict(trace: StepTrace, card: DeviceCard | None = None, world: int = 1, to
     if trace.root_records:  # Shampoo: what a root step adds over a steady one, every `frequency` steps
         root_phases, _, root_launches, _, _, _ = _phase_sums(trace.root_records, card)
         steady_optimizer = sum(price(r.cost, card).total for r in trace.records if r.phase == "optimizer")
+        # Under DDP the trace is rank 0's: it roots its share of the blocks (no fewer than any
+        # other rank's), and its collectives are in the records.
         extra = root_phases["optimizer"] + trace.root_syncs * card.sync - steady_optimizer - syncs * card.sync
-        if world > 1:  # each rank roots its share, then every root is broadcast
-            extra /= world
-            root_bytes = sum(n * n * size + 2 * size for n, size in trace.root_matrices)
-            extra += root_bytes / (card.e_net * card.link) + world * card.net_latency
         pred.root_extra = max(0.0, extra)
         pred.root_launches = root_launches
         pred.root_syncs = trace.root_syncs

@@ -12,6 +12,9 @@ Steps traced: the first (forward, loss, backward; its optimizer step initialises
 is not priced), then optimizer steps alone on fake gradients: AdamW's steady step; for
 Shampoo (started at step 2) the step that computes every inverse root, then a steady
 preconditioned step. Data-parallel engines are not traced: `predict` models DDP's all-reduce.
+Shampoo shares its matrix work over the ranks of a process group, so for `world` > 1 it is
+traced as rank 0 of a fake process group of that size (torch's "fake" backend: collectives
+that move nothing), its gathers and broadcasts recorded as collectives.
 
 What this shares with the trainer: the model builder, the criterion and its `streams`, the
 objective module called as `objective(x, y)` returning the loss output (the criterion's
@@ -50,8 +53,9 @@ class StepTrace:
     host_reads: list[HostRead]
     root_records: list[Record] = field(default_factory=list)  # clipping + optimizer of a root step (Shampoo)
     root_host_reads: list[HostRead] = field(default_factory=list)
-    root_matrices: list = field(default_factory=list)  # (n, dtype itemsize) of every factor rooted
     grad_elements: list = field(default_factory=list)  # (numel, itemsize) of each gradient, parameter order
+    world: int = 1  # ranks of the process group the optimizer was traced in
+    splits_over_ranks: bool = False  # the optimizer's work depends on `world` (Shampoo): price only that world
     model_flops_per_token: float = 0.0
     tokens: int = 0  # tokens per optimizer step of one process
     seconds: float = 0.0  # how long the trace took
@@ -82,9 +86,29 @@ def _phase_hooks(model, tracer):
     return [model.register_forward_pre_hook(before), model.register_forward_hook(after)]
 
 
-def trace_training_step(cfg: TrainConfig, vocab_size: int, card: DeviceCard, *, newton_iterations: int = 18,
-                        with_locations: bool = False) -> StepTrace:
-    """Trace one training step of `cfg` with a `vocab_size` vocabulary as `card`'s device runs it.
+@contextlib.contextmanager
+def _fake_process_group(world: int):
+    """torch.distributed initialised as rank 0 of `world` ranks that exchange nothing."""
+    if world == 1:
+        yield
+        return
+    import torch.distributed as dist
+    from torch.testing._internal.distributed.fake_pg import FakeStore  # registers the "fake" backend
+
+    if dist.is_initialized():
+        raise ConfigError("matta cost traces a multi-GPU Shampoo step in a process group of its own; "
+                          "run it outside torchrun")
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def trace_training_step(cfg: TrainConfig, vocab_size: int, card: DeviceCard, *, world: int = 1,
+                        newton_iterations: int = 18, with_locations: bool = False) -> StepTrace:
+    """Trace one training step of `cfg` with a `vocab_size` vocabulary as `card`'s device runs it,
+    on rank 0 of `world` data-parallel ranks (what changes with `world` is Shampoo's share of work).
 
     `newton_iterations`: the coupled Newton iterations a GPU root step is traced with (the
     iteration stops on values the trace does not have; 12-17 were measured here on
@@ -96,8 +120,16 @@ def trace_training_step(cfg: TrainConfig, vocab_size: int, card: DeviceCard, *, 
         raise ConfigError("matta cost does not trace a Teacher yet; drop --teacher")
     if not isinstance(newton_iterations, int) or newton_iterations < 1:
         raise ConfigError(f"--newton-iterations must be an int >= 1, got {newton_iterations!r}")
+    if isinstance(world, bool) or not isinstance(world, int) or world < 1:
+        raise ConfigError(f"world size must be an int >= 1, got {world!r}")
     started = time.perf_counter()
     shampoo = cfg.optimizer == "shampoo"
+    with _fake_process_group(world if shampoo else 1):
+        trace = _trace(cfg, vocab_size, card, shampoo, newton_iterations, with_locations)
+    return dataclasses.replace(trace, world=world, splits_over_ranks=shampoo, seconds=time.perf_counter() - started)
+
+
+def _trace(cfg, vocab_size, card, shampoo, newton_iterations, with_locations) -> StepTrace:
     if shampoo:  # step 1 grafts only, step 2 computes every root, step 3 is a steady preconditioned step
         cfg = dataclasses.replace(cfg, start_preconditioning_step=2)
     amp = amp_dtype_for(cfg, card)
@@ -156,16 +188,13 @@ def trace_training_step(cfg: TrainConfig, vocab_size: int, card: DeviceCard, *, 
                 optimizer_step()
             return tracer.records, tracer.host_reads
 
-        root_records, root_reads, root_matrices = [], [], []
-        if shampoo:
-            root_records, root_reads = traced_optimizer_step()
-            root_matrices = optimizer.factor_sizes()
+        root_records, root_reads = traced_optimizer_step() if shampoo else ([], [])
         steady_records, steady_reads = traced_optimizer_step()
     return StepTrace(
         cfg=cfg, card=card, vocab_size=vocab_size, amp_dtype="bf16" if amp is not None else "fp32",
         records=step_records + steady_records, host_reads=step_reads + steady_reads,
-        root_records=root_records, root_host_reads=root_reads, root_matrices=root_matrices,
+        root_records=root_records, root_host_reads=root_reads,
         grad_elements=[(p.numel(), p.element_size()) for p in params],
         model_flops_per_token=model.flops_per_token(cfg.block_size, criterion.streams),
-        tokens=cfg.batch_size * cfg.block_size * cfg.grad_accum, seconds=time.perf_counter() - started,
+        tokens=cfg.batch_size * cfg.block_size * cfg.grad_accum,
     )

@@ -847,17 +847,6 @@ class Shampoo(torch.optim.Optimizer):
         return [[natural[p]["failures_total"].clone() if "failures_total" in natural.get(p, {}) else None
                  for p in group["params"]] for group in self.param_groups]
 
-    def factor_sizes(self) -> list:
-        """(side n, element size in bytes) of every factor matrix this rank holds, two per
-        block (left, right); empty before the first step. No device read."""
-        sizes = []
-        for cohort in self._cohorts or []:
-            for pack in cohort.packs:
-                if pack.matrix:
-                    itemsize = torch.empty((), dtype=pack.factor_dtype).element_size()
-                    sizes += [(pack.key[0], itemsize), (pack.key[1], itemsize)] * pack.owned
-        return sizes
-
     def nonfinite_gradient_counts(self) -> list:
         """Per group, per parameter: how many steps it had a NaN/inf gradient (each skipped the
         whole step). A host read."""
