@@ -203,6 +203,18 @@ def test_shampoo_under_ddp_is_traced_as_one_rank_of_its_share():
     assert predict(adamw, world=4).world == 4  # AdamW's step does not depend on the world: one trace prices all
 
 
+@pytest.mark.parametrize("card_kind", ["gpu", "cpu"])
+def test_tf32_factor_products_are_priced_as_tf32_on_a_gpu_only(card_kind):
+    card = dataclasses.replace(CARDS["h100"], kind=card_kind)
+    cfg = make_config(dict(TINY, optimizer="shampoo", shampoo_factor_matmul="tf32"))
+    tr = trace_training_step(cfg, 97, card, newton_iterations=3)
+    assert not torch.backends.cuda.matmul.allow_tf32  # restored after the trace
+    steady = [r.cost.dtype for r in tr.records if r.phase == "optimizer" and r.cost.op == "aten::bmm"]
+    # Per pack of blocks two products G G^T, G^T G (TF32 on a GPU) and two of L^-1/4 G R^-1/4 (fp32).
+    assert steady and steady.count("fp32") == (len(steady) // 2 if card_kind == "gpu" else len(steady))
+    assert steady.count("tf32") == (len(steady) // 2 if card_kind == "gpu" else 0)
+
+
 def test_cards_and_overrides():
     assert load_card("H100") is CARDS["h100"]
     card = CARDS["h200"].with_efficiencies(e_c=0.5, launch=0.0)

@@ -183,6 +183,8 @@ def _matmul_cost(name, bound, read, written):
         flops = 2.0 * a.numel()
         dims = (1,)
     dtype = _MATMUL_KEYS.get(a.dtype, "fp32")
+    if dtype == "fp32" and torch.backends.cuda.matmul.allow_tf32:  # what cuBLAS then runs
+        dtype = "tf32"
     shape = f"{tuple(a.shape)}@{tuple(b.shape)}"
     return OpCost(name, GEMM, flops, read, written, 1, dtype, shape, min(dims))
 

@@ -1,7 +1,7 @@
 """What a GPU runs where this CPU would run something else: the trace's stand-ins.
 
 The trace runs on fake CPU tensors, so code that branches on the device takes its CPU branch.
-Five branches of matta's step differ on a GPU, and `gpu_lowering(card)` swaps each for what
+Six branches of matta's step differ on a GPU, and `gpu_lowering(card)` swaps each for what
 the GPU runs, as one priced op or as the GPU branch itself:
 
 1. The MatTA loss row pass (`fused_linear_matta_loss.loss_rows_pass`): on CUDA one Triton
@@ -16,6 +16,9 @@ the GPU runs, as one priced op or as the GPU branch itself:
    n <= 128 only), "eigh" on a CPU.
 5. The token-id check of the embedding (`ids_checked_on_host`): a CPU gathers with bounds
    checks; a GPU masks the ids and files the check in the step's report.
+6. Shampoo's factor products with `factor_matmul_dtype="tf32"` (`factor_matmul_precision`):
+   TF32 on a CUDA device only. Stand-in: its CUDA branch, which the formulas price at the
+   card's TF32 peak.
 
 Each patch names its target and fails loudly when the target is gone (a renamed function
 must be renamed here too, not silently left out of the model).
@@ -95,7 +98,6 @@ def _patch(stack, target: str, new):
     if not hasattr(module, attr):
         raise RuntimeError(f"cost model: {target} is gone; update matta/costmodel/lowering.py to the new code")
     stack.enter_context(mock.patch.object(module, attr, new))
-    return getattr(module, attr)
 
 
 @contextlib.contextmanager
@@ -117,4 +119,7 @@ def device_lowering(card):
             _patch(stack, "matta.ops.fused_linear_matta_loss.loss_rows_pass", _gpu_loss_rows_pass)
             _patch(stack, "matta.ops.fused_linear_matta_loss._add_mm", _gpu_add_mm)
             _patch(stack, "matta.models._common.ids_checked_on_host", lambda idx: False)
+            factor_precision = importlib.import_module("matta.optim.shampoo").factor_matmul_precision
+            _patch(stack, "matta.optim.shampoo.factor_matmul_precision",
+                   lambda matmul_dtype, device: factor_precision(matmul_dtype, torch.device("cuda")))
         yield

@@ -184,8 +184,9 @@ def _matrix_strides(t: Tensor):
 
 
 @contextlib.contextmanager
-def _tf32_matmuls(enabled: bool):
-    if not enabled:
+def factor_matmul_precision(matmul_dtype: str, device: torch.device):
+    """TF32 tensor cores for the fp32 factor products when asked for on a CUDA device."""
+    if matmul_dtype != "tf32" or device.type != "cuda":
         yield
         return
     matmul = torch.backends.cuda.matmul
@@ -663,7 +664,7 @@ class Shampoo(torch.optim.Optimizer):
                 g = g.to(torch.bfloat16)
             # A skipped step keeps the factors: beta2 becomes 1 there (and the gradient is 0).
             keep = torch.full((), beta2, dtype=pack.factor_dtype, device=pack.device).masked_fill_(~ok, 1.0)
-            with _tf32_matmuls(matmul_dtype == "tf32" and pack.device.type == "cuda"):
+            with factor_matmul_precision(matmul_dtype, pack.device):
                 for name, outer in (("factor_left", lambda: torch.bmm(g, g.mT)), ("factor_right", lambda: torch.bmm(g.mT, g))):
                     product = outer().to(pack.factor_dtype)
                     factor = pack.tensors[name]

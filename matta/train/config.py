@@ -22,6 +22,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from ..losses import RAMP_SCHEDULES
+from ..optim import FACTOR_MATMUL_DTYPES
 from .tasks import TASKS
 
 HF_MODEL = "hf:"  # --model hf:FOLDER
@@ -93,6 +94,9 @@ class TrainConfig:
     start_preconditioning_step: int = _opt("Shampoo: first preconditioned step", default=10)
     max_preconditioner_dim: int = _opt("Shampoo: largest block side", default=1024)
     shampoo_nested_blocks: bool = _opt("Shampoo: split blocks at the Student/TA boundary", default=False)
+    shampoo_factor_matmul: str = _opt("Shampoo: precision of the factor products G G^T, G^T G (float32: exact; tf32: "
+                                      "TF32 tensor cores on a GPU; bfloat16: bf16 products summed into fp32 factors)",
+                                      choices=FACTOR_MATMUL_DTYPES, default="float32")
     max_steps: int | None = _opt("optimizer steps (default 200, or from --tokens)", default=None)
     tokens: int | None = _opt("train on this many tokens instead of --max-steps", default=None)
     # bookkeeping

@@ -24,6 +24,7 @@ def build_optimizer(cfg: TrainConfig, model, report: DeferredReport | None = Non
         start_preconditioning_step=cfg.start_preconditioning_step,
         grafting="adam",
         grafting_beta2=cfg.beta2,
+        factor_matmul_dtype=cfg.shampoo_factor_matmul,
         block_splits=nested_block_splits(model) if cfg.shampoo_nested_blocks else None,
         report=report,
     )
