@@ -93,7 +93,11 @@ def _fake_process_group(world: int):
         yield
         return
     import torch.distributed as dist
-    from torch.testing._internal.distributed.fake_pg import FakeStore  # registers the "fake" backend
+    try:
+        from torch.testing._internal.distributed.fake_pg import FakeStore  # registers the "fake" backend
+    except ImportError:
+        raise ConfigError(f"this torch ({torch.__version__}) has no fake process group, which tracing Shampoo on "
+                          f"{world} GPUs needs; price it with --gpus 1") from None
 
     if dist.is_initialized():
         raise ConfigError("matta cost traces a multi-GPU Shampoo step in a process group of its own; "
