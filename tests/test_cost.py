@@ -203,6 +203,17 @@ def test_shampoo_under_ddp_is_traced_as_one_rank_of_its_share():
     assert predict(adamw, world=4).world == 4  # AdamW's step does not depend on the world: one trace prices all
 
 
+def test_a_torch_without_the_fake_process_group_is_one_line(monkeypatch):
+    import sys
+
+    from matta.train.config import ConfigError
+
+    monkeypatch.setitem(sys.modules, "torch.testing._internal.distributed.fake_pg", None)  # import fails
+    cfg = make_config(dict(TINY, optimizer="shampoo"))
+    with pytest.raises(ConfigError, match="no fake process group.*--gpus 1"):
+        trace_training_step(cfg, 97, CARDS["h100"], world=2)
+
+
 @pytest.mark.parametrize("card_kind", ["gpu", "cpu"])
 def test_tf32_factor_products_are_priced_as_tf32_on_a_gpu_only(card_kind):
     card = dataclasses.replace(CARDS["h100"], kind=card_kind)
