@@ -76,12 +76,9 @@ def check_against_oracle(fn, z_s, z_ta, target, weights, ramp, tau, floor=1e-6):
     out = fn(z_s, z_ta, target, weights=weights, ramp=ramp, temperature=tau)
     grads = torch.autograd.grad(out.loss, (z_s, z_ta))
     assert isinstance(out, MatTALossOutput) and out.ramp == ramp
-    # A value is a mean over rows of fp32 dot products over the V classes, in another order than
-    # the reference's (the batched dots of the PyTorch path go to BLAS, whose order is not
-    # fixed): a 4-sigma random walk over V terms plus a sequential sum over the rows, in ulps.
-    # Seen under CI's triton 3.6 run, not replayed: 32 and 62 ulps at V = 301 over 65 rows.
-    rows, n_classes = z_s[..., 0].numel(), z_s.shape[-1]
-    value_floor = max(floor, torch.finfo(torch.float32).eps * (4 * n_classes**0.5 + rows / 2))
+    # A value is a mean of per-row fp32 losses: summed in another order than the reference's
+    # (and one that can depend on the buffers' alignment), it may land up to rows/2 ulps away.
+    value_floor = max(floor, z_s[..., 0].numel() * torch.finfo(torch.float32).eps / 2)
     for got, r, w in zip([out.loss, out.student, out.ta, out.distill], [ref.loss, *ref[1:4]], [want, *want_parts]):
         assert got.dim() == 0
         assert abs(got.item() - w.item()) <= 2 * abs(r.item() - w.item()) + value_floor * max(1.0, abs(w.item()))
