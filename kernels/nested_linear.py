@@ -19,6 +19,14 @@ once; over [R2, R) only the main one. How the Student product enters is `SUB_MOD
 Bias is added in the epilogue; bias gradients are the row sums of A (the kernel that
 computes dW reads dy^T as A), computed by the programs of the first column block.
 
+GELU rides in the epilogue too (`GELU`, SEPARATE products only), so that an FFN's
+activation costs no pass of its own: GELU_OUT stores the pre-activation h in C (C2) and
+gelu(h) in E (E2), for the next layer's input and this layer's backward; GELU_GRAD multiplies
+the product by gelu'(h), h read from E (E2), which turns the next layer's input gradient into
+this layer's output gradient. gelu is the tanh form, gelu(h) = h sigmoid(2u) with
+u = sqrt(2/pi) (h + 0.044715 h^3), evaluated on h as stored (rounded to C's dtype), so that
+forward and backward see one h.
+
 Split-K. A weight gradient has few output tiles (a 1024 x 1024 dW is 64 tiles of 128 x 128
 for an H100's 132 SMs) and a long reduction over tokens. When the tiles are fewer than two
 per SM, the token range is cut into `split_k` slices of whole BLOCK_K steps; slice s writes
@@ -38,6 +46,8 @@ from ._compile_specs import CompileSpec, record_launch, register_compile_spec
 from ._launches import count_launch
 
 NONE, SEPARATE, ADD, PREFIX = 0, 1, 2, 3
+NO_GELU, GELU_OUT, GELU_GRAD = 0, 1, 2
+GELU_LAUNCH_NAMES = {GELU_OUT: "nested_linear.matmul.gelu_out", GELU_GRAD: "nested_linear.matmul.gelu_grad"}
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) per operand kind. 16-bit: two warpgroups on the
 # large tiles for Hopper's wgmma, smaller tiles for thin problems. A Student-block tile may
@@ -88,9 +98,19 @@ class LaunchOptions:
     record: list | None = None
 
 
-def tile_configs(element_size, precision):
+def tile_configs(element_size, precision, gelu=NO_GELU, int64=False):
     """The (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) configs the autotuner may launch."""
-    return TILES["16-bit"] if element_size == 2 else TILES[precision]
+    configs = TILES["16-bit"] if element_size == 2 else TILES[precision]
+    if gelu != NO_GELU:
+        # The GELU epilogue holds two accumulators and a tile of h or gelu(h). With fp32
+        # outputs (TF32) 128-row tiles spill 8-88 bytes on sm_90 (16-bit outputs round the
+        # Student's accumulator first and fit); 64-bit offsets spill 8 bytes at the largest
+        # tile that fits without them, so they take the smallest.
+        if element_size == 4 and precision == "tf32":
+            configs = [c for c in configs if c[0] == 64]
+        if int64:
+            configs = [min(configs, key=lambda c: (c[0] * c[1], c[0]))]
+    return configs
 
 
 def _as_config(m, n, k, warps, stages):
@@ -110,7 +130,7 @@ def _all_configs():
 
 def _prune_configs(configs, named_args, **kwargs):
     """Autotune prune: the tile set of the operand kind."""
-    wanted = tile_configs(named_args["a_ptr"].element_size(), kwargs["PRECISION"])
+    wanted = tile_configs(named_args["a_ptr"].element_size(), kwargs["PRECISION"], kwargs["GELU"], kwargs["INT64"])
     return [c for c in configs if _config_tuple(c) in wanted]
 
 
@@ -143,19 +163,52 @@ def _row_sums(a_ptr, stride_ap, stride_ar, rows, n_rows, lo, hi, BLOCK_K: tl.con
     return total
 
 
+@triton.jit
+def _gelu_tanh(h):
+    # 0.5 h (1 + tanh(u)) = h sigmoid(2u): no cancellation near h = 0. (sqrt(2/pi) = 0.79788...)
+    u = 0.7978845608028654 * (h + 0.044715 * h * h * h)
+    return h * tl.sigmoid(2.0 * u)
+
+
+@triton.jit
+def _gelu_tanh_grad(h):
+    u = 0.7978845608028654 * (h + 0.044715 * h * h * h)
+    s = tl.sigmoid(2.0 * u)
+    du = 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * h * h)
+    return s + 2.0 * h * s * (1.0 - s) * du
+
+
+@triton.jit
+def _epilogue_store(c_ptr, e_ptr, acc, rows, cols, stride_cp, stride_cq, n_rows, n_cols, GELU: tl.constexpr):
+    """Store one output tile, with the GELU epilogue (E has C's strides). The GELU modes
+    round the product to C's dtype first, as the unfused ops do (PyTorch's gelu and its
+    backward read the stored, rounded tensors), which also frees the fp32 accumulator."""
+    if GELU == 0:
+        _store_tile(c_ptr, acc, rows, cols, stride_cp, stride_cq, n_rows, n_cols)
+    else:
+        out = acc.to(c_ptr.dtype.element_ty)
+        if GELU == 1:  # GELU_OUT: h to C, gelu(h) to E
+            _store_tile(c_ptr, out, rows, cols, stride_cp, stride_cq, n_rows, n_cols)
+            _store_tile(e_ptr, _gelu_tanh(out.to(tl.float32)), rows, cols, stride_cp, stride_cq, n_rows, n_cols)
+        else:  # GELU_GRAD: (dy W) gelu'(h), h from E
+            h = _load_tile(e_ptr, rows, cols, stride_cp, stride_cq, n_rows, n_cols, True)
+            _store_tile(c_ptr, out.to(tl.float32) * _gelu_tanh_grad(h), rows, cols, stride_cp, stride_cq, n_rows,
+                        n_cols)
+
+
 AUTOTUNE_KEYS = ("key_p", "key_q", "key_r")  # never specialised: they only key the autotuner
 
 
 @triton.jit(do_not_specialize=list(AUTOTUNE_KEYS))
 def _nested_matmul_kernel(
-    a_ptr, b_ptr, c_ptr, bias_ptr, a2_ptr, b2_ptr, c2_ptr, bias2_ptr, sums_ptr, sums2_ptr,
+    a_ptr, b_ptr, c_ptr, bias_ptr, a2_ptr, b2_ptr, c2_ptr, bias2_ptr, sums_ptr, sums2_ptr, e_ptr, e2_ptr,
     P, Q, R, P2, Q2, R2,
     stride_ap, stride_ar, stride_br, stride_bq, stride_cp, stride_cq,
     stride_a2p, stride_a2r, stride_b2r, stride_b2q, stride_c2p, stride_c2q,
     SPLIT_K, key_p, key_q, key_r,
     SUB_MODE: tl.constexpr, FOLD: tl.constexpr, SHARE_B: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_BIAS2: tl.constexpr, ROW_SUMS: tl.constexpr, ROW_SUMS2: tl.constexpr,
-    PRECISION: tl.constexpr, INTERPRETING: tl.constexpr, INT64: tl.constexpr,
+    GELU: tl.constexpr, PRECISION: tl.constexpr, INTERPRETING: tl.constexpr, INT64: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     # key_p, key_q, key_r only key the autotuner (the sizes with the token count bucketed).
@@ -238,12 +291,23 @@ def _nested_matmul_kernel(
     if HAS_BIAS:
         bias = tl.load(bias_ptr + cols, mask=cols < Q, other=0.0).to(tl.float32)
         acc += tl.where(split == 0, bias, 0.0)[None, :]
-    _store_tile(c_ptr + first_row * stride_cp, acc, rows, cols, stride_cp, stride_cq, P, Q)
-    if (SUB_MODE == 1) | (SUB_MODE == 3):
+    if GELU == 0:
+        _store_tile(c_ptr + first_row * stride_cp, acc, rows, cols, stride_cp, stride_cq, P, Q)
+        if (SUB_MODE == 1) | (SUB_MODE == 3):
+            if in_sub:
+                if HAS_BIAS2:
+                    acc2 += tl.load(bias2_ptr + cols, mask=cols < Q2, other=0.0).to(tl.float32)[None, :]
+                _store_tile(c2_ptr + first_row2 * stride_c2p, acc2, rows, cols, stride_c2p, stride_c2q, P2, Q2)
+    else:
+        # SEPARATE without split-K. The Student's product is rounded to its output dtype
+        # before the TA tile's epilogue: two fp32 accumulators and a loaded tile of h spill
+        # on sm_90 (kernels/compile_check.py).
+        if HAS_BIAS2:
+            acc2 += tl.load(bias2_ptr + cols, mask=cols < Q2, other=0.0).to(tl.float32)[None, :]
+        out2 = acc2.to(c2_ptr.dtype.element_ty)
+        _epilogue_store(c_ptr, e_ptr, acc, rows, cols, stride_cp, stride_cq, P, Q, GELU)
         if in_sub:
-            if HAS_BIAS2:
-                acc2 += tl.load(bias2_ptr + cols, mask=cols < Q2, other=0.0).to(tl.float32)[None, :]
-            _store_tile(c2_ptr + first_row2 * stride_c2p, acc2, rows, cols, stride_c2p, stride_c2q, P2, Q2)
+            _epilogue_store(c2_ptr, e2_ptr, out2, rows, cols, stride_c2p, stride_c2q, P2, Q2, GELU)
 
     if ROW_SUMS:
         if pid_q == 0:
@@ -260,7 +324,7 @@ def _nested_matmul_kernel(
 
 _nested_matmul_tuned = triton.autotune(
     configs=_all_configs(),
-    key=["key_p", "key_q", "key_r", "SPLIT_K", "SUB_MODE", "FOLD", "SHARE_B", "PRECISION"],
+    key=["key_p", "key_q", "key_r", "SPLIT_K", "SUB_MODE", "FOLD", "SHARE_B", "GELU", "PRECISION"],
     prune_configs_by={"early_config_prune": _prune_configs},
 )(_nested_matmul_kernel)
 
@@ -309,26 +373,40 @@ def _max_offset(t):
     return sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride())) if t.numel() else 0
 
 
-def _pinned_launch_options(options, element_size):
-    """(BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) of a launch that skips the autotuner, or None."""
-    if options.interpreting:
-        return (*(options.tiles or INTERPRETER_TILES), 4, 1)
+def _pinned_launch_options(options, element_size, gelu, int64):
+    """(BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) of a launch that skips the autotuner, or None.
+    Pinned tiles a launch kind cannot run (`tile_configs`) give way to its first config."""
     if options.tiles is None:
-        return None
-    return next(c for c in tile_configs(element_size, options.precision) if c[:3] == tuple(options.tiles))
+        return (*INTERPRETER_TILES, 4, 1) if options.interpreting else None
+    tiles = tuple(options.tiles)
+    configs = tile_configs(element_size, options.precision, gelu, int64)
+    if all(c[:3] != tiles for c in configs) and any(c[:3] == tiles for c in tile_configs(element_size,
+                                                                                         options.precision)):
+        tiles = configs[0][:3]
+    if options.interpreting:
+        return (*tiles, 4, 1)
+    return next(c for c in configs if c[:3] == tiles)
 
 
 def nested_matmul(a, b, out, *, options, bias=None, sub_mode=NONE, sub_shape=(0, 0, 0), a2=None, b2=None,
-                  out2=None, bias2=None, fold=False, row_sums=None, row_sums2=None, token_axis=0, split_k=1):
+                  out2=None, bias2=None, fold=False, row_sums=None, row_sums2=None, token_axis=0, split_k=1,
+                  gelu=NO_GELU, gelu_out=None, gelu_out2=None):
     """out = a @ b (+ bias) plus the Student product selected by `sub_mode` (module docstring).
 
     a (P, R), b (R, Q), out (P, Q); a2 (P2, R2), b2 (R2, Q2) (None: b itself), out2 (P2, Q2);
     row_sums (P,) receives a.sum(1) (plus a2's sums unless SEPARATE, where row_sums2 must be
     given too and receives them). `token_axis` names which of P, Q, R (0, 1, 2) counts
     tokens: the autotuner keys on its bucket. `split_k` > 1 (no bias, no PREFIX) slices the
-    reduction; the outputs must then be contiguous.
+    reduction; the outputs must then be contiguous. `gelu` (SEPARATE only, no split-K): with
+    GELU_OUT, gelu_out (gelu_out2) receives gelu(out) (gelu(out2)); with GELU_GRAD they hold
+    h, and out (out2) is multiplied by gelu'(h). They have the strides of out (out2).
     Any strides; every tensor on one device.
     """
+    if gelu != NO_GELU:
+        if sub_mode != SEPARATE or split_k != 1:
+            raise ValueError("the GELU epilogue needs a SEPARATE Student product and no split-K")
+        if gelu_out.stride() != out.stride() or gelu_out2.stride() != out2.stride():
+            raise ValueError("the GELU epilogue's tensors must have the strides of the outputs")
     P, R = a.shape
     Q = b.shape[1]
     P2, Q2, R2 = sub_shape if sub_mode != NONE else (0, 0, 0)
@@ -352,6 +430,7 @@ def nested_matmul(a, b, out, *, options, bias=None, sub_mode=NONE, sub_shape=(0,
     args = (
         a, b, c, dummy if bias is None else bias, a2_, b2_, c2_, dummy if bias2 is None else bias2,
         dummy if sums is None else sums, dummy if sums2 is None else sums2,
+        dummy if gelu_out is None else gelu_out, dummy if gelu_out2 is None else gelu_out2,
         P, Q, R, P2, Q2, R2,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1),
         a2_.stride(0), a2_.stride(1), b2_.stride(0), b2_.stride(1), c2_.stride(0), c2_.stride(1),
@@ -360,27 +439,32 @@ def nested_matmul(a, b, out, *, options, bias=None, sub_mode=NONE, sub_shape=(0,
     flags = dict(
         SUB_MODE=sub_mode, FOLD=fold, SHARE_B=share_b,
         HAS_BIAS=bias is not None, HAS_BIAS2=bias2 is not None,
-        ROW_SUMS=row_sums is not None, ROW_SUMS2=row_sums is not None and a2 is not None,
+        ROW_SUMS=row_sums is not None, ROW_SUMS2=row_sums is not None and a2 is not None, GELU=gelu,
         PRECISION=options.precision, INTERPRETING=options.interpreting, INT64=int64,
     )
 
     def grid(meta):
         return (triton.cdiv(P, meta["BLOCK_M"]) * triton.cdiv(Q, meta["BLOCK_N"]), split_k)
 
-    pinned = _pinned_launch_options(options, a.element_size())
+    pinned = _pinned_launch_options(options, a.element_size(), gelu, int64)
     if options.record is not None:  # what each config the autotuner may pick would compile
         unused = [name for name, t in (("bias_ptr", bias), ("bias2_ptr", bias2), ("sums_ptr", sums),
-                                       ("sums2_ptr", sums2)) if t is None]
-        for m, n, k, warps, stages in [pinned] if pinned else tile_configs(a.element_size(), options.precision):
+                                       ("sums2_ptr", sums2), ("e_ptr", gelu_out), ("e2_ptr", gelu_out2)) if t is None]
+        for m, n, k, warps, stages in [pinned] if pinned else tile_configs(a.element_size(), options.precision, gelu,
+                                                                           int64):
             options.record.append(record_launch(
                 _nested_matmul_kernel, args, {**flags, "BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": GROUP_M},
                 unused=unused, do_not_specialize=AUTOTUNE_KEYS, num_warps=warps, num_stages=stages))
     elif pinned is None:
         count_launch("nested_linear.matmul")
+        if gelu != NO_GELU:
+            count_launch(GELU_LAUNCH_NAMES[gelu])
         _nested_matmul_tuned[grid](*args, **flags)
     else:
         m, n, k, warps, stages = pinned
         count_launch("nested_linear.matmul")
+        if gelu != NO_GELU:
+            count_launch(GELU_LAUNCH_NAMES[gelu])
         count_launch(f"nested_linear.matmul.{m}x{n}x{k}")
         _nested_matmul_kernel[grid](*args, **flags, BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, GROUP_M=GROUP_M,
                                     num_warps=warps, num_stages=stages)
@@ -398,15 +482,23 @@ def _poisoned(shape, like, dtype, options):
     return out
 
 
-def nested_linear_forward(x_s, x_ta, weight, bias, student_weight, student_bias, n_s, m_s, one_input, options):
+def nested_linear_forward(x_s, x_ta, weight, bias, student_weight, student_bias, n_s, m_s, one_input, options,
+                          gelu=False):
+    """(y_s, y_ta); with `gelu` (two inputs only) (y_s, y_ta, gelu(y_s), gelu(y_ta))."""
     t = x_ta.shape[0]
     n_ta, m_ta = weight.shape
     y_ta = _poisoned((t, n_ta), x_ta, x_ta.dtype, options)
     y_s = _poisoned((t, n_s), x_ta, x_ta.dtype, options)
+    if gelu:
+        if one_input:
+            raise ValueError("the GELU epilogue needs two inputs")
+        a_s, a_ta = _poisoned((t, n_s), x_ta, x_ta.dtype, options), _poisoned((t, n_ta), x_ta, x_ta.dtype, options)
     if t == 0:
-        return y_s, y_ta
+        return (y_s, y_ta, a_s, a_ta) if gelu else (y_s, y_ta)
     w_t = weight.t()
     launch = dict(options=options, token_axis=0)
+    if gelu:
+        launch.update(gelu=GELU_OUT, gelu_out=a_ta, gelu_out2=a_s)
     if student_weight is not None:
         b2 = student_weight.t()
         a2 = x_ta if one_input else x_s
@@ -420,11 +512,17 @@ def nested_linear_forward(x_s, x_ta, weight, bias, student_weight, student_bias,
         else:
             nested_matmul(x_ta, w_t, y_ta, bias=bias, sub_mode=SEPARATE, sub_shape=(t, n_s, m_s), a2=x_s,
                           out2=y_s, bias2=b_s, **launch)
-    return y_s, y_ta
+    return (y_s, y_ta, a_s, a_ta) if gelu else (y_s, y_ta)
 
 
-def nested_linear_backward(grad_s, grad_ta, x_s, x_ta, weight, student_weight, n_s, m_s, one_input, needs, options):
+def nested_linear_backward(grad_s, grad_ta, x_s, x_ta, weight, student_weight, n_s, m_s, one_input, needs, options,
+                           gelu_inputs=None):
+    """The gradients (dx_s, dx_ta, dw, db, dws, dbs), None where not needed. `gelu_inputs`
+    (h_s, h_ta), with both input gradients of a two-input layer: the input gradients come
+    out multiplied by gelu'(h) (the gradients of the pre-activations before this layer)."""
     need_x_s, need_x_ta, need_w, need_b, need_ws, need_bs = needs
+    if gelu_inputs is not None and (one_input or not (need_x_s and need_x_ta)):
+        raise ValueError("the GELU epilogue needs both input gradients of a two-input layer")
     t = grad_ta.shape[0]
     n_ta, m_ta = weight.shape
     shared = student_weight is None
@@ -456,6 +554,8 @@ def nested_linear_backward(grad_s, grad_ta, x_s, x_ta, weight, student_weight, n
         else:
             nested_matmul(grad_ta, weight, dx_ta, sub_mode=ADD, sub_shape=(t, m_s, n_s), a2=grad_s, b2=w_s, **launch)
     elif need_x_ta and need_x_s:
+        if gelu_inputs is not None:
+            launch.update(gelu=GELU_GRAD, gelu_out=gelu_inputs[1], gelu_out2=gelu_inputs[0])
         nested_matmul(grad_ta, weight, dx_ta, sub_mode=SEPARATE, sub_shape=(t, m_s, n_s), a2=grad_s,
                       b2=None if shared else w_s, out2=dx_s, **launch)
     elif need_x_ta:
@@ -520,14 +620,17 @@ def enumerate_launches() -> list:
                 bias = meta(n_ta) if has_bias else None
                 student_weight = None if shared else meta(n_s, m_s)
                 student_bias = meta(n_s) if has_student_bias else None
-                nested_linear_forward(x_s, x_ta, weight, bias, student_weight, student_bias, n_s, m_s, one_input,
-                                      options)
+                for gelu in (False, True) if not one_input else (False,):
+                    nested_linear_forward(x_s, x_ta, weight, bias, student_weight, student_bias, n_s, m_s, one_input,
+                                          options, gelu=gelu)
                 possible = (not one_input, True, True, has_bias, not shared, has_student_bias)  # as the op asks
                 for needs in itertools.product((False, True), repeat=6):
                     if any(need and not can for need, can in zip(needs, possible)):
                         continue
-                    nested_linear_backward(meta(t, n_s), meta(t, n_ta), x_s, x_ta, weight, student_weight, n_s, m_s,
-                                           one_input, needs, options)
+                    gelu_inputs = (None, (x_s, x_ta)) if needs[0] and needs[1] else (None,)
+                    for gelu in gelu_inputs:  # an FFN's second layer: its inputs' pre-activations
+                        nested_linear_backward(meta(t, n_s), meta(t, n_ta), x_s, x_ta, weight, student_weight, n_s,
+                                               m_s, one_input, needs, options, gelu_inputs=gelu)
     return launches
 
 
@@ -543,7 +646,7 @@ def _register_compile_specs():
     launches without them are the same code less its epilogue (`CompileSpec.epilogue_flags`).
     `enumerate_launches` lists what the launchers launch; compile_check fails on any launch
     no spec covers."""
-    pointers = ("a_ptr", "b_ptr", "c_ptr", "bias_ptr", "a2_ptr", "b2_ptr", "c2_ptr", "bias2_ptr")
+    pointers = ("a_ptr", "b_ptr", "c_ptr", "bias_ptr", "a2_ptr", "b2_ptr", "c2_ptr", "bias2_ptr", "e_ptr", "e2_ptr")
     sizes = ("P", "Q", "R", "P2", "Q2", "R2")
     strides = ("stride_ap", "stride_ar", "stride_br", "stride_bq", "stride_cp", "stride_cq",
                "stride_a2p", "stride_a2r", "stride_b2r", "stride_b2q", "stride_c2p", "stride_c2q")
@@ -559,6 +662,14 @@ def _register_compile_specs():
     plain = dict(SUB_MODE=NONE, FOLD=False, SHARE_B=True, HAS_BIAS=False, HAS_BIAS2=False)
     variants = {  # name: (kind of product, flags); every path of nested_linear_forward/backward
         "forward_two_inputs": ("forward", dict(separate, SHARE_B=True, HAS_BIAS=True, HAS_BIAS2=True)),
+        "forward_two_inputs_gelu": ("forward", dict(separate, SHARE_B=True, HAS_BIAS=True, HAS_BIAS2=True,
+                                                    GELU=GELU_OUT)),
+        "forward_unshared_gelu": ("forward", dict(separate, SHARE_B=False, HAS_BIAS=True, HAS_BIAS2=True,
+                                                  GELU=GELU_OUT)),
+        "grad_input_two_inputs_gelu": ("grad_input", dict(separate, SHARE_B=True, HAS_BIAS=False, HAS_BIAS2=False,
+                                                          GELU=GELU_GRAD)),
+        "grad_input_two_inputs_unshared_gelu": ("grad_input", dict(separate, SHARE_B=False, HAS_BIAS=False,
+                                                                   HAS_BIAS2=False, GELU=GELU_GRAD)),
         "forward_one_input": ("forward", dict(SUB_MODE=PREFIX, FOLD=False, SHARE_B=True, HAS_BIAS=True,
                                               HAS_BIAS2=True)),
         "forward_unshared": ("forward", dict(separate, SHARE_B=False, HAS_BIAS=True, HAS_BIAS2=True)),
@@ -576,15 +687,15 @@ def _register_compile_specs():
         "grad_weight_plain": ("grad_weight", dict(plain, ROW_SUMS=True)),  # one weight's gradient alone
     }
     for dtype, element_size, precision in _KINDS:
-        configs = tile_configs(element_size, precision)
         for name, (kind, flags) in variants.items():
+            gelu = flags.get("GELU", NO_GELU)
+            # 64-bit offsets: the first tile they launch with, of the default kinds (fp16
+            # builds bf16's code; fp32 without TF32 is off the default path).
+            int64_kind = dtype != "fp16" and precision == ("tf32" if dtype == "fp32" else "ieee")
             for split in (False, True) if kind == "grad_weight" else (False,):
-                for config in configs:
-                    # 64-bit offsets: the largest tile of the default kinds (fp16 builds bf16's
-                    # code; fp32 without TF32 is off the default path).
-                    int64_too = dtype != "fp16" and precision == ("tf32" if dtype == "fp32" else "ieee") \
-                        and config == configs[0]
-                    for int64 in (False, True) if int64_too else (False,):
+                for int64 in (False, True) if int64_kind else (False,):
+                    configs = tile_configs(element_size, precision, gelu, int64)
+                    for config in configs[:1] if int64 else configs:
                         _register_nested_matmul_spec(
                             name + ("_split_k" if split else ""), dtype, precision, config, flags, unit[kind],
                             pointers, sizes, strides, split, int64)
@@ -610,7 +721,8 @@ def _register_nested_matmul_spec(name, dtype, precision, config, flags, unit_str
     signature.update({a: "constexpr" if a in unit_strides else "i32" for a in sizes + strides})
     signature["SPLIT_K"] = "i32" if split else "constexpr"
     constexprs = {
-        **{a: 1 for a in unit_strides}, "ROW_SUMS": False, "ROW_SUMS2": False, **flags, "PRECISION": precision,
+        **{a: 1 for a in unit_strides}, "ROW_SUMS": False, "ROW_SUMS2": False, "GELU": NO_GELU, **flags,
+        "PRECISION": precision,
         "INTERPRETING": False, "INT64": int64, "BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": GROUP_M,
     }
     if not split:

@@ -205,9 +205,13 @@ def _attention_cost(name, bound, read, written, card_kind):
 
 
 def _nested_linear_cost(name, args, card_kind, sm_count):
-    """matta::nested_linear / matta::nested_linear_backward (see matta/ops/nested_linear.py)."""
-    if name == "matta::nested_linear":
-        x_s, x_ta, weight, bias, s_weight, s_bias, n_s, m_s, one_input = args
+    """matta::nested_linear[_gelu] / matta::nested_linear_backward (see matta/ops/nested_linear.py).
+    GELU rides in the kernels' epilogues on a GPU (its outputs and inputs are bytes of the
+    GEMM); on the CPU it is a pass of its own per stream."""
+    if name in ("matta::nested_linear", "matta::nested_linear_gelu"):
+        gelu = name == "matta::nested_linear_gelu"
+        x_s, x_ta, weight, bias, s_weight, s_bias, n_s, m_s = args[:8]
+        one_input = False if gelu else args[8]
         t, (n_ta, m_ta) = x_ta.shape[0], weight.shape
         shared = s_weight is None
         # One input and shared weights: the Student's outputs are a by-product of the TA's K-loop.
@@ -216,11 +220,14 @@ def _nested_linear_cost(name, args, card_kind, sm_count):
         read = sum(tensor_bytes(u) for u in (x_ta, weight, bias, s_weight, s_bias) if u is not None)
         if not one_input:
             read += tensor_bytes(x_s)
-        written = t * (n_ta + n_s) * x_ta.element_size()
-        launches = 1 if card_kind == "gpu" else 2
+        written = t * (n_ta + n_s) * x_ta.element_size() * (2 if gelu else 1)
+        launches = 1 if card_kind == "gpu" else 2 + (2 if gelu else 0)
+        if gelu and card_kind != "gpu":
+            read += t * (n_ta + n_s) * x_ta.element_size()
         return OpCost(name, GEMM, flops, read, float(written), launches, _MATMUL_KEYS.get(weight.dtype, "fp32"),
-                      f"T={t} W={n_ta}x{m_ta} S={n_s}x{m_s}", min(t, n_ta, m_ta))
-    grad_s, grad_ta, x_s, x_ta, weight, s_weight, n_s, m_s, one_input, needs = args
+                      f"T={t} W={n_ta}x{m_ta} S={n_s}x{m_s}{' +GELU' if gelu else ''}", min(t, n_ta, m_ta))
+    grad_s, grad_ta, x_s, x_ta, weight, s_weight, n_s, m_s, one_input, needs, gelu_s, gelu_ta = args
+    gelu = gelu_ta is not None
     need_x_s, need_x_ta, need_w, need_b, need_ws, need_bs = needs
     t, (n_ta, m_ta) = grad_ta.shape[0], weight.shape
     size = grad_ta.element_size()
@@ -232,6 +239,10 @@ def _nested_linear_cost(name, args, card_kind, sm_count):
         read += t * (n_ta + n_s) * size + n_ta * m_ta * size + (0 if shared else n_s * m_s * size)
         written += t * ((m_ta if need_x_ta else 0) + (m_s if need_x_s else 0)) * size
         launches += 1 if card_kind == "gpu" else 1 + (need_x_s or one_input)
+        if gelu:  # h read in the epilogue (on the CPU: a gelu_backward per stream)
+            read += t * (m_ta + m_s) * size * (1 if card_kind == "gpu" else 2)
+            written += 0 if card_kind == "gpu" else t * (m_ta + m_s) * size
+            launches += 0 if card_kind == "gpu" else 2
     if need_w or need_ws:  # one launch for both weight gradients (and the bias sums)
         flops += (big if need_w else 0.0) + (small if shared or need_ws else 0.0)
         read += t * (n_ta + n_s + m_ta + (0 if one_input else m_s)) * size
@@ -255,7 +266,7 @@ def _nested_linear_cost(name, args, card_kind, sm_count):
     if need_bs and size != 4:
         launches += 1
     return OpCost(name, GEMM, flops, read, written, int(launches), _MATMUL_KEYS.get(weight.dtype, "fp32"),
-                  f"T={t} W={n_ta}x{m_ta} S={n_s}x{m_s}", min(t, n_ta, m_ta))
+                  f"T={t} W={n_ta}x{m_ta} S={n_s}x{m_s}{' +GELU' if gelu else ''}", min(t, n_ta, m_ta))
 
 
 def op_cost(func, args, kwargs, out, card_kind: str, sm_count: int = 132) -> OpCost | None:

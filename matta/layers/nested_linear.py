@@ -90,16 +90,14 @@ class NestedLinear(nn.Module):
         if student_b is not None:
             _uniform_(student_b, m_s)
 
+    def nested_parameters(self) -> dict:
+        """The parameter arguments of `matta.ops.nested_linear` (and of each layer of
+        `nested_gelu_mlp`) for this layer."""
+        return dict(weight=self.weight, bias=self.bias, student_features=self.student_features,
+                    student_weight=self.student_weight, student_bias=self.student_bias)
+
     def forward(self, x_s, x_ta=None):
-        return nested_linear(
-            x_s,
-            x_ta,
-            self.weight,
-            self.bias,
-            student_features=self.student_features,
-            student_weight=self.student_weight,
-            student_bias=self.student_bias,
-        )
+        return nested_linear(x_s, x_ta, **self.nested_parameters())
 
     def student_parameters(self):
         """(weight, bias) of the Student: views of the TA's leading block, or its own when unshared.

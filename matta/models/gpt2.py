@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..layers import NestedLayerNorm, NestedLinear
+from ..ops import nested_gelu_mlp
 from . import hf_gpt2
 from ._common import (check_tokens, copy_student_blocks_, count_parameters, embed_tokens, gpt2_init_, resolve_d_model_ta,
                       resolve_ffn_ta)
@@ -229,8 +230,8 @@ class NestedMLP(nn.Module):
         return self.c_proj.forward_ta(gelu(self.c_fc.forward_ta(x_ta)))
 
     def forward(self, x_s, x_ta):
-        h_s, h_ta = self.c_fc(x_s, x_ta)
-        return self.c_proj(gelu(h_s), gelu(h_ta))
+        # One fused op: GELU rides in the nested Dense kernels' epilogues.
+        return nested_gelu_mlp(x_s, x_ta, self.c_fc.nested_parameters(), self.c_proj.nested_parameters())
 
 
 class NestedBlock(nn.Module):

@@ -18,6 +18,13 @@ Layers above call `nested_linear`; it checks arguments, flattens leading dimensi
 calls the custom op `matta::nested_linear`, which `torch.compile` sees as one node and which
 dispatches to the Triton kernels (kernels/nested_linear.py) or to `_torch_forward` /
 `_torch_backward` here. `nested_linear_reference` is the readable oracle the tests use.
+
+`nested_gelu_mlp` is an FFN of two nested Dense layers with GELU (tanh form) between them:
+the first layer's kernel writes the pre-activation and its GELU from one accumulator, and
+the second layer's input-gradient kernel multiplies by gelu'(h) before it stores, so the
+activation costs no pass over the FFN width in either direction (`matta::nested_linear_gelu`,
+and the `gelu_s`, `gelu_ta` inputs of `matta::nested_linear_backward`). On the PyTorch path
+it runs the same aten ops as two `nested_linear` calls around `F.gelu`, with the same bits.
 """
 import torch
 import torch.nn.functional as F
@@ -64,6 +71,15 @@ def _torch_forward(x_s, x_ta, weight, bias, student_weight, student_bias, n_s, m
     # y_s is recomputed from its own inputs rather than split off y_ta: on the CPU one
     # large GEMM plus one small beats three GEMMs on thin slices.
     return _addmm(b_s, x_s, weight[:n_s, :m_s].t()), y_ta
+
+
+def _torch_gelu(h):
+    return F.gelu(h, approximate="tanh")
+
+
+def _torch_gelu_grad(grad, h):
+    # What autograd runs for F.gelu's backward: the same op, the same bits.
+    return torch.ops.aten.gelu_backward(grad, h, approximate="tanh")
 
 
 def _torch_backward(grad_s, grad_ta, x_s, x_ta, weight, student_weight, n_s, m_s, one_input, needs):
@@ -162,6 +178,35 @@ def _(x_s, x_ta, weight, bias, student_weight, student_bias, n_s, m_s, one_input
     return x_ta.new_empty(x_ta.shape[0], n_s), x_ta.new_empty(x_ta.shape[0], weight.shape[0])
 
 
+@torch.library.custom_op("matta::nested_linear_gelu", mutates_args=())
+def _nested_linear_gelu_op(
+    x_s: Tensor,
+    x_ta: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    student_weight: Tensor | None,
+    student_bias: Tensor | None,
+    n_s: int,
+    m_s: int,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(h_s, h_ta, gelu(h_s), gelu(h_ta)) of a two-input nested Dense layer; no autograd of
+    its own (`nested_gelu_mlp` differentiates the FFN as a whole)."""
+    args = (x_s, x_ta, weight, bias, student_weight, student_bias, n_s, m_s, False)
+    if _use_kernels(weight, x_ta.shape[0]):
+        from ..kernels import nested_linear as kernel
+
+        return kernel.nested_linear_forward(*args, _launch_options(kernel, weight), gelu=True)
+    h_s, h_ta = _torch_forward(*args)
+    return h_s, h_ta, _torch_gelu(h_s), _torch_gelu(h_ta)
+
+
+@_nested_linear_gelu_op.register_fake
+def _(x_s, x_ta, weight, bias, student_weight, student_bias, n_s, m_s):
+    t = x_ta.shape[0]
+    return (x_ta.new_empty(t, n_s), x_ta.new_empty(t, weight.shape[0]), x_ta.new_empty(t, n_s),
+            x_ta.new_empty(t, weight.shape[0]))
+
+
 @torch.library.custom_op("matta::nested_linear_backward", mutates_args=())
 def _nested_linear_backward_op(
     grad_s: Tensor,
@@ -174,19 +219,27 @@ def _nested_linear_backward_op(
     m_s: int,
     one_input: bool,
     needs: list[bool],
+    gelu_s: Tensor | None,
+    gelu_ta: Tensor | None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The gradients (dx_s, dx_ta, dw, db, dws, dbs), empty where not needed. With `gelu_s`,
+    `gelu_ta` (the pre-activations h whose GELU this layer read, two inputs and both input
+    gradients asked for), the input gradients are those of h."""
     args = (grad_s, grad_ta, x_s, x_ta, weight, student_weight, n_s, m_s, one_input, tuple(needs))
+    gelu_inputs = None if gelu_ta is None else (gelu_s, gelu_ta)
     if _use_kernels(weight, grad_ta.shape[0]):
         from ..kernels import nested_linear as kernel
 
-        grads = kernel.nested_linear_backward(*args, _launch_options(kernel, weight))
+        grads = kernel.nested_linear_backward(*args, _launch_options(kernel, weight), gelu_inputs=gelu_inputs)
     else:
-        grads = _torch_backward(*args)
+        grads = list(_torch_backward(*args))
+        if gelu_inputs is not None:
+            grads[0], grads[1] = _torch_gelu_grad(grads[0], gelu_s), _torch_gelu_grad(grads[1], gelu_ta)
     return tuple(_or_empty(g, grad_ta) for g in grads)
 
 
 @_nested_linear_backward_op.register_fake
-def _(grad_s, grad_ta, x_s, x_ta, weight, student_weight, n_s, m_s, one_input, needs):
+def _(grad_s, grad_ta, x_s, x_ta, weight, student_weight, n_s, m_s, one_input, needs, gelu_s, gelu_ta):
     t, (n_ta, m_ta) = grad_ta.shape[0], weight.shape
     shapes = [(t, m_s), (t, m_ta), (n_ta, m_ta), (n_ta,), (n_s, m_s), (n_s,)]
     if one_input:
@@ -216,7 +269,8 @@ def _backward(ctx, grad_s, grad_ta):
     ]
     # Autograd materialises an unused output's gradient as zeros, so both are tensors here.
     grad_s, grad_ta = grad_s.contiguous(), grad_ta.contiguous()
-    grads = _nested_linear_backward_op(grad_s, grad_ta, x_s, x_ta, weight, student_weight, n_s, m_s, one_input, needs)
+    grads = _nested_linear_backward_op(grad_s, grad_ta, x_s, x_ta, weight, student_weight, n_s, m_s, one_input, needs,
+                                       None, None)
     dx_s, dx_ta, dw, db, dws, dbs = (gr if need else None for gr, need in zip(grads, needs))
     return dx_s, dx_ta, dw, db, dws, dbs, None, None, None
 
@@ -254,6 +308,39 @@ def check_student_features(student_features, weight_shape):
     return n_s, m_s
 
 
+def _autocast_operands(tensors, device):
+    """Like F.linear under autocast: every operand in the autocast dtype (gradients flow back
+    through the casts to the fp32 parameters)."""
+    if device.type == "meta" or not torch.is_autocast_enabled(device.type):
+        return tensors
+    cast = torch.get_autocast_dtype(device.type)
+    return tuple(t.to(cast) if isinstance(t, Tensor) and t.is_floating_point() else t for t in tensors)
+
+
+def _check_layer(weight, bias, student_features, student_weight, student_bias, name=""):
+    """(n_s, m_s) of one nested Dense layer's parameters, or a clear error."""
+    if not isinstance(weight, Tensor) or weight.dim() != 2:
+        raise ValueError(f"{name}weight must be a 2-D tensor (N_TA, M_TA), got {getattr(weight, 'shape', type(weight))}")
+    n_ta, m_ta = weight.shape
+    n_s, m_s = check_student_features(student_features, weight.shape)
+    dtype, device = weight.dtype, weight.device
+    if bias is not None:
+        _check_tensor(f"{name}bias", bias, n_ta, dtype, device)
+        if bias.dim() != 1:
+            raise ValueError(f"{name}bias must be 1-D ({n_ta},), got shape {tuple(bias.shape)}")
+    if student_weight is not None:
+        if student_weight.dim() != 2 or tuple(student_weight.shape) != (n_s, m_s):
+            raise ValueError(f"{name}student_weight must have shape ({n_s}, {m_s}), got {tuple(student_weight.shape)}")
+        _check_tensor(f"{name}student_weight", student_weight, m_s, dtype, device)
+        if student_bias is not None:
+            _check_tensor(f"{name}student_bias", student_bias, n_s, dtype, device)
+            if student_bias.dim() != 1:
+                raise ValueError(f"{name}student_bias must be 1-D ({n_s},), got shape {tuple(student_bias.shape)}")
+    elif student_bias is not None:
+        raise ValueError(f"{name}student_bias needs {name}student_weight (a shared Student uses bias[:N_S])")
+    return n_s, m_s
+
+
 def nested_linear(x_s, x_ta, weight, bias=None, *, student_features, student_weight=None, student_bias=None):
     """Student and TA outputs of a nested Dense layer, fused.
 
@@ -270,18 +357,11 @@ def nested_linear(x_s, x_ta, weight, bias=None, *, student_features, student_wei
     Returns:
         (y_s, y_ta) of shapes (..., N_S) and (..., N_TA).
     """
-    if not isinstance(weight, Tensor) or weight.dim() != 2:
-        raise ValueError(f"weight must be a 2-D tensor (N_TA, M_TA), got {getattr(weight, 'shape', type(weight))}")
+    if isinstance(weight, Tensor):
+        x_s, x_ta, weight, bias, student_weight, student_bias = _autocast_operands(
+            (x_s, x_ta, weight, bias, student_weight, student_bias), weight.device)
+    n_s, m_s = _check_layer(weight, bias, student_features, student_weight, student_bias)
     n_ta, m_ta = weight.shape
-    n_s, m_s = check_student_features(student_features, weight.shape)
-    if weight.device.type != "meta" and torch.is_autocast_enabled(weight.device.type):
-        # Like F.linear under autocast: every operand in the autocast dtype (gradients flow
-        # back through the casts to the fp32 parameters).
-        cast = torch.get_autocast_dtype(weight.device.type)
-        x_s, x_ta, weight, bias, student_weight, student_bias = (
-            t.to(cast) if isinstance(t, Tensor) and t.is_floating_point() else t
-            for t in (x_s, x_ta, weight, bias, student_weight, student_bias)
-        )
     dtype, device = weight.dtype, weight.device
     one_input = x_ta is None
     if one_input:
@@ -289,23 +369,91 @@ def nested_linear(x_s, x_ta, weight, bias=None, *, student_features, student_wei
     else:
         _check_tensor("x_s", x_s, m_s, dtype, device)
         _check_tensor("x_ta", x_ta, m_ta, dtype, device, lead_shape=x_s.shape[:-1])
-    if bias is not None:
-        _check_tensor("bias", bias, n_ta, dtype, device)
-        if bias.dim() != 1:
-            raise ValueError(f"bias must be 1-D ({n_ta},), got shape {tuple(bias.shape)}")
-    if student_weight is not None:
-        if student_weight.dim() != 2 or tuple(student_weight.shape) != (n_s, m_s):
-            raise ValueError(f"student_weight must have shape ({n_s}, {m_s}), got {tuple(student_weight.shape)}")
-        _check_tensor("student_weight", student_weight, m_s, dtype, device)
-        if student_bias is not None:
-            _check_tensor("student_bias", student_bias, n_s, dtype, device)
-            if student_bias.dim() != 1:
-                raise ValueError(f"student_bias must be 1-D ({n_s},), got shape {tuple(student_bias.shape)}")
-    elif student_bias is not None:
-        raise ValueError("student_bias needs student_weight (a shared Student uses bias[:N_S])")
 
     lead = x_s.shape[:-1]
     x_ta2 = x_s.reshape(-1, m_ta) if one_input else x_ta.reshape(-1, m_ta)
     x_s2 = x_ta2 if one_input else x_s.reshape(-1, m_s)
     y_s, y_ta = _nested_linear_op(x_s2, x_ta2, weight, bias, student_weight, student_bias, n_s, m_s, one_input)
     return y_s.reshape(*lead, n_s), y_ta.reshape(*lead, n_ta)
+
+
+# ----------------------------------------------------------------------------------------
+# The FFN: nested Dense, GELU, nested Dense.
+
+
+def nested_gelu_mlp_reference(x_s, x_ta, fc, proj):
+    """`nested_linear_reference` twice around F.gelu (tanh form); `fc` and `proj` are dicts of
+    nested_linear's parameter arguments (weight, bias, student_features, student_weight,
+    student_bias)."""
+    h_s, h_ta = nested_linear_reference(x_s, x_ta, **fc)
+    return nested_linear_reference(_torch_gelu(h_s), _torch_gelu(h_ta), **proj)
+
+
+class _NestedGeluMLP(torch.autograd.Function):
+    """y = proj(gelu(fc(x))) for both streams; saves what the unfused graph saves (x, h and
+    gelu(h)) and hands the second layer's backward h, so that it returns dh directly."""
+
+    @staticmethod
+    def forward(ctx, x_s, x_ta, w1, b1, sw1, sb1, w2, b2, sw2, sb2, fc_sizes, proj_sizes):
+        h_s, h_ta, a_s, a_ta = _nested_linear_gelu_op(x_s, x_ta, w1, b1, sw1, sb1, *fc_sizes)
+        y_s, y_ta = _nested_linear_op(a_s, a_ta, w2, b2, sw2, sb2, *proj_sizes, False)
+        ctx.save_for_backward(x_s, x_ta, w1, sw1, h_s, h_ta, a_s, a_ta, w2, sw2)
+        ctx.sizes = fc_sizes, proj_sizes
+        ctx.has_bias = tuple(b is not None for b in (b1, sb1, b2, sb2))
+        return y_s, y_ta
+
+    @staticmethod
+    def backward(ctx, dy_s, dy_ta):
+        x_s, x_ta, w1, sw1, h_s, h_ta, a_s, a_ta, w2, sw2 = ctx.saved_tensors
+        fc_sizes, proj_sizes = ctx.sizes
+        has_b1, has_sb1, has_b2, has_sb2 = ctx.has_bias
+        g = ctx.needs_input_grad
+        needs2 = [True, True, g[6], has_b2 and g[7], sw2 is not None and g[8], has_sb2 and g[9]]
+        grads2 = _nested_linear_backward_op(dy_s.contiguous(), dy_ta.contiguous(), a_s, a_ta, w2, sw2, *proj_sizes,
+                                            False, needs2, h_s, h_ta)
+        needs1 = [g[0], g[1], g[2], has_b1 and g[3], sw1 is not None and g[4], has_sb1 and g[5]]
+        grads1 = _nested_linear_backward_op(grads2[0], grads2[1], x_s, x_ta, w1, sw1, *fc_sizes, False, needs1,
+                                            None, None)
+        dx_s, dx_ta, dw1, db1, dsw1, dsb1 = (gr if need else None for gr, need in zip(grads1, needs1))
+        _, _, dw2, db2, dsw2, dsb2 = (gr if need else None for gr, need in zip(grads2, needs2))
+        return dx_s, dx_ta, dw1, db1, dsw1, dsb1, dw2, db2, dsw2, dsb2, None, None
+
+
+def nested_gelu_mlp(x_s, x_ta, fc, proj):
+    """An FFN of both streams, proj(gelu(fc(x))) with GELU's tanh form, fused (module docstring).
+
+    Args:
+        x_s, x_ta: the Student's (..., M_S) and the TA's (..., M_TA) inputs, same leading dims.
+        fc, proj: the two layers' parameters, each a dict of nested_linear's parameter
+            arguments: weight, bias (optional), student_features, student_weight and
+            student_bias (optional). proj's input sizes must be fc's output sizes.
+    Returns:
+        (y_s, y_ta) of shapes (..., proj N_S) and (..., proj N_TA).
+    """
+    params = []
+    for name, layer in (("fc.", fc), ("proj.", proj)):
+        unknown = set(layer) - {"weight", "bias", "student_features", "student_weight", "student_bias"}
+        if unknown or "weight" not in layer or "student_features" not in layer:
+            raise ValueError(f"{name[:-1]} must hold weight and student_features (and optionally bias, "
+                             f"student_weight, student_bias), got keys {sorted(layer)}")
+        tensors = tuple(layer.get(k) for k in ("weight", "bias", "student_weight", "student_bias"))
+        if isinstance(tensors[0], Tensor):
+            tensors = _autocast_operands(tensors, tensors[0].device)
+        sizes = _check_layer(tensors[0], tensors[1], layer["student_features"], *tensors[2:], name=name)
+        params.append((tensors, sizes))
+    (fc_tensors, fc_sizes), (proj_tensors, proj_sizes) = params
+    w1, w2 = fc_tensors[0], proj_tensors[0]
+    if (proj_sizes[1], w2.shape[1]) != (fc_sizes[0], w1.shape[0]):
+        raise ValueError(f"proj's input sizes (M_S, M_TA) = ({proj_sizes[1]}, {w2.shape[1]}) must be fc's output "
+                         f"sizes (N_S, N_TA) = ({fc_sizes[0]}, {w1.shape[0]})")
+    if (w2.dtype, w2.device) != (w1.dtype, w1.device):
+        raise ValueError(f"proj's weight is {w2.dtype} on {w2.device} but fc's is {w1.dtype} on {w1.device}")
+    if isinstance(x_s, Tensor) and isinstance(x_ta, Tensor):
+        x_s, x_ta = _autocast_operands((x_s, x_ta), w1.device)
+    m_s, m_ta = fc_sizes[1], w1.shape[1]
+    _check_tensor("x_s", x_s, m_s, w1.dtype, w1.device)
+    _check_tensor("x_ta", x_ta, m_ta, w1.dtype, w1.device, lead_shape=x_s.shape[:-1])
+    lead = x_s.shape[:-1]
+    y_s, y_ta = _NestedGeluMLP.apply(x_s.reshape(-1, m_s), x_ta.reshape(-1, m_ta), *fc_tensors, *proj_tensors,
+                                     fc_sizes, proj_sizes)
+    return y_s.reshape(*lead, proj_sizes[0]), y_ta.reshape(*lead, w2.shape[0])

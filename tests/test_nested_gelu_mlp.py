@@ -1,0 +1,176 @@
+"""nested_gelu_mlp (two nested Dense layers with GELU in their kernels' epilogues) against
+two nested_linear_reference calls around F.gelu and a float64 oracle, at the interpreter's
+tiles and at every tile shape a GPU launches; its PyTorch path gives the bits of the
+unfused layers (what the README demo and any CPU run compute)."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from matta import NestedLinear
+from matta.kernels import LAUNCH_COUNTS
+from matta.ops import nested_gelu_mlp, nested_gelu_mlp_reference
+from test_nested_linear import FLOOR, KERNEL, rel_err
+from test_nested_linear_tiles import CONFIGS, kernel, pinned  # noqa: F401 (a fixture)
+
+GELU_OUT, GELU_GRAD = "nested_linear.matmul.gelu_out", "nested_linear.matmul.gelu_grad"
+
+
+def make_mlp(t, d_s, d_ta, f_s, f_ta, *, shared=True, bias=True, dtype=torch.float32, device="cpu", lead=()):
+    """Inputs and the two layers' parameters of an FFN d -> f -> d, Student (d_s, f_s)."""
+    def rand(*size, scale=1.0):
+        return (torch.randn(*size, device=device) * scale).to(dtype).requires_grad_()
+
+    def layer(n_s, m_s, n_ta, m_ta):
+        scale = m_ta ** -0.5  # unit-scale pre-activations: GELU's curved part, not its linear tails
+        return {"weight": rand(n_ta, m_ta, scale=scale), "bias": rand(n_ta) if bias else None,
+                "student_features": (n_s, m_s),
+                "student_weight": None if shared else rand(n_s, m_s, scale=m_s ** -0.5),
+                "student_bias": rand(n_s) if bias and not shared else None}
+
+    return rand(*lead, t, d_s), rand(*lead, t, d_ta), layer(f_s, d_s, f_ta, d_ta), layer(d_s, f_s, d_ta, f_ta)
+
+
+def _detached(x_s, x_ta, fc, proj, dtype):
+    def cast(v):
+        return v.detach().to(dtype).requires_grad_() if isinstance(v, torch.Tensor) else v
+
+    return cast(x_s), cast(x_ta), {k: cast(v) for k, v in fc.items()}, {k: cast(v) for k, v in proj.items()}
+
+
+def run(fn, x_s, x_ta, fc, proj, grads_out):
+    """Outputs and the gradients of every tensor input."""
+    y_s, y_ta = fn(x_s, x_ta, fc, proj)
+    inputs = [x_s, x_ta] + [v for layer in (fc, proj) for v in layer.values() if isinstance(v, torch.Tensor)]
+    loss = (y_s.float() * grads_out[0]).sum() + (y_ta.float() * grads_out[1]).sum()
+    return [y_s, y_ta, *torch.autograd.grad(loss, inputs)]
+
+
+def assert_matches_oracle(x_s, x_ta, fc, proj, dtype, *, kernel):
+    """Outputs and gradients vs float64, within 2x PyTorch's error in `dtype`; with `kernel`
+    the fused epilogues must have run (forward and backward), without it no kernel at all."""
+    grads_out = (torch.randn(*x_s.shape[:-1], proj["student_features"][0], device=x_s.device),
+                 torch.randn(*x_s.shape[:-1], proj["weight"].shape[0], device=x_s.device))
+    before = LAUNCH_COUNTS[KERNEL], LAUNCH_COUNTS[GELU_OUT], LAUNCH_COUNTS[GELU_GRAD]
+    got = run(nested_gelu_mlp, x_s, x_ta, fc, proj, grads_out)
+    launched = [LAUNCH_COUNTS[name] - b for name, b in zip((KERNEL, GELU_OUT, GELU_GRAD), before)]
+    # fc and proj forward, proj's input and weight gradients, fc's input and weight gradients
+    assert launched == ([6, 1, 1] if kernel else [0, 0, 0]), launched
+    torch_same = run(nested_gelu_mlp_reference, *_detached(x_s, x_ta, fc, proj, dtype), grads_out)
+    oracle = run(nested_gelu_mlp_reference, *_detached(x_s, x_ta, fc, proj, torch.float64),
+                 [g.double() for g in grads_out])
+    assert len(got) == len(oracle)
+    for i, (g, ref, o) in enumerate(zip(got, torch_same, oracle)):
+        assert g.shape == o.shape and g.dtype == dtype, (i, g.shape, o.shape, g.dtype)
+        assert torch.isfinite(g).all(), f"output {i} has non-finite values"
+        bound = max(2 * rel_err(ref, o), FLOOR[dtype])
+        assert rel_err(g, o) <= bound, f"output {i}: error {rel_err(g, o):.3g} > {bound:.3g}"
+
+
+# (T, d_s, d_ta, f_s, f_ta): odd sizes over several 32-wide interpreter tiles; d and f nested
+# or not.
+SHAPES = [(37, 19, 45, 23, 71), (50, 33, 33, 40, 40), (9, 40, 71, 65, 97)]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("shared", [True, False])
+@pytest.mark.parametrize("bias", [True, False])
+def test_fp32(backend, device, shape, shared, bias):
+    problem = make_mlp(*shape, shared=shared, bias=bias, device=device)
+    assert_matches_oracle(*problem, torch.float32, kernel=backend == "triton")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision(backend, device, dtype):
+    problem = make_mlp(*SHAPES[0], dtype=dtype, device=device, lead=(2,))
+    assert_matches_oracle(*problem, dtype, kernel=backend == "triton")
+
+
+@pytest.mark.parametrize("kind, tiles", [pytest.param(*c, id=f"{c[0]}-{'x'.join(map(str, c[1]))}") for c in CONFIGS])
+@pytest.mark.parametrize("shared", [True, False])
+def test_gpu_tiles(pinned, device, kind, tiles, shared):  # noqa: F811 (the fixture)
+    """Every GPU tile shape: tokens and both widths over two tiles with partial edge tiles,
+    the Student's blocks ending inside a tile."""
+    dtype = pinned(kind, tiles, torch.bfloat16)
+    block_m, block_n, _ = tiles
+    t, d_ta, f_ta = 2 * block_m + 13, 2 * block_n + 7, 2 * max(block_m, block_n) + 19
+    problem = make_mlp(t, block_n + 11, d_ta, max(block_m, block_n) + 5, f_ta, shared=shared, device=device,
+                       dtype=dtype)
+    name = f"{KERNEL}.{'x'.join(map(str, tiles))}"
+    # fp32 with TF32: the input gradient with gelu' runs 64-row tiles (kernel.tile_configs)
+    fallback = f"{KERNEL}.{'x'.join(map(str, kernel.TILES['tf32'][1][:3]))}"
+    substituted = kind == "tf32" and tiles[0] != 64
+    before = LAUNCH_COUNTS[name], LAUNCH_COUNTS[fallback]
+    assert_matches_oracle(*problem, dtype, kernel=True)
+    assert LAUNCH_COUNTS[name] - before[0] == (5 if substituted else 6)
+    if substituted:
+        assert LAUNCH_COUNTS[fallback] - before[1] == 1
+
+
+def _unfused_mlp(x_s, x_ta, fc, proj):
+    """What NestedMLP computed before the fusion: two NestedLinear calls around F.gelu."""
+    layers = []
+    for p in (fc, proj):
+        (n_s, m_s), (n_ta, m_ta) = p["student_features"], p["weight"].shape
+        layer = NestedLinear((m_s, m_ta), (n_s, n_ta), bias=p["bias"] is not None,
+                             share_weights=p["student_weight"] is None)
+        for name in ("weight", "bias", "student_weight", "student_bias"):
+            if p[name] is not None:
+                setattr(layer, name, torch.nn.Parameter(p[name].detach().clone()))
+        layers.append(layer)
+    h_s, h_ta = layers[0](x_s, x_ta)
+    y = layers[1](F.gelu(h_s, approximate="tanh"), F.gelu(h_ta, approximate="tanh"))
+    return y, layers
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_pytorch_path_gives_the_unfused_bits(monkeypatch, device, shared):
+    """On the PyTorch path the fused FFN runs the unfused layers' aten ops: same bits in the
+    outputs and every gradient (so training on a CPU computes what it computed before)."""
+    monkeypatch.setenv("MATTA_BACKEND", "torch")
+    x_s, x_ta, fc, proj = make_mlp(*SHAPES[0], shared=shared, device=device, lead=(3,))
+    grads_out = [torch.randn(3, SHAPES[0][0], n, device=device) for n in (SHAPES[0][1], SHAPES[0][2])]
+    got = run(nested_gelu_mlp, x_s, x_ta, fc, proj, grads_out)
+    xs2, xta2 = x_s.detach().clone().requires_grad_(), x_ta.detach().clone().requires_grad_()
+    (y_s, y_ta), layers = _unfused_mlp(xs2, xta2, fc, proj)
+    loss = (y_s * grads_out[0]).sum() + (y_ta * grads_out[1]).sum()
+    params = [v for layer in layers for v in (layer.weight, layer.bias, layer.student_weight, layer.student_bias)
+              if v is not None]
+    want = [y_s, y_ta, *torch.autograd.grad(loss, [xs2, xta2, *params])]
+    assert len(got) == len(want)
+    for i, (g, w) in enumerate(zip(got, want)):
+        assert torch.equal(g, w), f"output {i} differs from the unfused layers"
+
+
+def test_only_parameter_gradients_when_inputs_need_none(backend, device):
+    x_s, x_ta, fc, proj = make_mlp(*SHAPES[0], device=device)
+    x_s, x_ta = x_s.detach(), x_ta.detach()
+    y_s, y_ta = nested_gelu_mlp(x_s, x_ta, fc, proj)
+    (y_s.sum() + y_ta.sum()).backward()
+    assert all(torch.isfinite(p.grad).all() for layer in (fc, proj) for p in (layer["weight"], layer["bias"]))
+    _, _, fc_ref, proj_ref = _detached(x_s, x_ta, fc, proj, torch.float64)
+    y_s, y_ta = nested_gelu_mlp_reference(x_s.double(), x_ta.double(), fc_ref, proj_ref)
+    (y_s.sum() + y_ta.sum()).backward()
+    assert rel_err(fc["weight"].grad, fc_ref["weight"].grad) < 1e-5
+
+
+def test_autocast_runs_in_the_autocast_dtype(backend, device):
+    x_s, x_ta, fc, proj = make_mlp(*SHAPES[0], device=device)
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        y_s, y_ta = nested_gelu_mlp(x_s, x_ta, fc, proj)
+    assert y_s.dtype == y_ta.dtype == torch.bfloat16
+    (y_s.float().sum() + y_ta.float().sum()).backward()
+    assert fc["weight"].grad.dtype == torch.float32 and x_s.grad.dtype == torch.float32
+
+
+def test_bad_arguments_name_the_problem(device):
+    x_s, x_ta, fc, proj = make_mlp(*SHAPES[0], device=device)
+    with pytest.raises(ValueError, match="proj's input sizes"):
+        nested_gelu_mlp(x_s, x_ta, fc, {**proj, "student_features": (19, 22)})
+    with pytest.raises(ValueError, match="fc must hold weight"):
+        nested_gelu_mlp(x_s, x_ta, {"weight": fc["weight"]}, proj)
+    with pytest.raises(ValueError, match="x_ta has leading dimensions"):
+        nested_gelu_mlp(x_s, x_ta[:-1], fc, proj)
+    with pytest.raises(TypeError, match="x_s has dtype"):
+        nested_gelu_mlp(x_s.double(), x_ta, fc, proj)
+    with pytest.raises(ValueError, match="proj.student_weight must have shape"):
+        nested_gelu_mlp(x_s, x_ta, fc, {**proj, "student_weight": torch.zeros(3, 3)})
