@@ -35,6 +35,8 @@ from ._launches import count_launch
 MIN_BLOCK = 1024
 MAX_WIDTH = 8192
 BLOCKS = (1024, 2048, 4096, 8192)
+# The widest block whose backward holds its running dweight/dbias sums in registers.
+HELD_SUMS_BLOCK = tl.constexpr(4096)
 # Backward programs per SM: enough resident rows to hide latency, few partial rows to sum.
 PROGRAMS_PER_SM = 4
 # Under the interpreter, few programs, so that each walks several rows (and one a partial run).
@@ -47,8 +49,8 @@ _NAMES = {dtype: name for name, dtype in DTYPES.items()}
 
 
 def num_warps(block: int) -> int:
-    """4 warps at 1024 lanes (8 values a thread), growing with the row up to 16."""
-    return min(16, block // 256)
+    """8 values of a row a thread: 4 warps at 1024 lanes, 32 (the most) at 8192."""
+    return block // 256
 
 
 def block_for(width: int) -> int:
@@ -91,12 +93,12 @@ def _forward_kernel(x_ptr, residual_ptr, weight_ptr, bias_ptr, s_ptr, y_ptr, mea
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
-    offs = row * n_cols + cols
-    s = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    start = row * n_cols  # a scalar row offset, added before the lanes' 32-bit ones
+    s = tl.load(x_ptr + start + cols, mask=mask, other=0.0).to(tl.float32)
     if HAS_RESIDUAL:
         # Rounded to s's dtype before the statistics, as PyTorch normalises the stored sum.
-        rounded = (s + tl.load(residual_ptr + offs, mask=mask, other=0.0).to(tl.float32)).to(s_ptr.dtype.element_ty)
-        tl.store(s_ptr + offs, rounded, mask=mask)
+        rounded = (s + tl.load(residual_ptr + start + cols, mask=mask, other=0.0).to(tl.float32)).to(s_ptr.dtype.element_ty)
+        tl.store(s_ptr + start + cols, rounded, mask=mask)
         s = rounded.to(tl.float32)
     mean = tl.sum(s, axis=0) / n_cols
     centered = tl.where(mask, s - mean, 0.0)
@@ -104,7 +106,7 @@ def _forward_kernel(x_ptr, residual_ptr, weight_ptr, bias_ptr, s_ptr, y_ptr, mea
     weight = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     bias = tl.load(bias_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     y = centered * rstd * weight + bias
-    tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+    tl.store(y_ptr + start + cols, y.to(y_ptr.dtype.element_ty), mask=mask)
     tl.store(mean_ptr + row, mean)
     tl.store(rstd_ptr + row, rstd)
 
@@ -116,34 +118,47 @@ def _backward_kernel(dy_ptr, s_ptr, weight_ptr, mean_ptr, rstd_ptr, skip_grad_pt
     program = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
-    weight = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    dweight = tl.zeros((BLOCK,), dtype=tl.float32)
-    dbias = tl.zeros((BLOCK,), dtype=tl.float32)
+    parts = program * n_cols + cols
+    if BLOCK > HELD_SUMS_BLOCK:
+        # Rows this wide keep the running sums in their partial rows (L2-resident, each
+        # lane rereading what it wrote): held in registers beside a row they spill on sm_90.
+        tl.store(dweight_parts_ptr + parts, tl.zeros((BLOCK,), dtype=tl.float32), mask=mask)
+        tl.store(dbias_parts_ptr + parts, tl.zeros((BLOCK,), dtype=tl.float32), mask=mask)
+    else:
+        dweight = tl.zeros((BLOCK,), dtype=tl.float32)
+        dbias = tl.zeros((BLOCK,), dtype=tl.float32)
     first = program * rows_per_program
     for i in range(0, rows_per_program):
         row = first + i
         # Lanes past d and rows past the last load 0, so they add nothing to the sums.
         row_mask = cols < tl.where(row < n_rows, n_cols, 0)
-        offs = row * n_cols + cols
-        dy = tl.load(dy_ptr + offs, mask=row_mask, other=0.0).to(tl.float32)
-        s = tl.load(s_ptr + offs, mask=row_mask, other=0.0).to(tl.float32)
+        start = row * n_cols  # a scalar row offset, added before the lanes' 32-bit ones
         in_bounds = tl.minimum(row, n_rows - 1)
         mean = tl.load(mean_ptr + in_bounds)
         rstd = tl.load(rstd_ptr + in_bounds)
-        xhat = tl.where(row_mask, (s - mean) * rstd, 0.0)
-        g = weight * dy
+        # In an order that ends each row vector's life early; the weight is loaded per row
+        # (a cache hit after the first) rather than held across the loop.
+        dy = tl.load(dy_ptr + start + cols, mask=row_mask, other=0.0).to(tl.float32)
+        xhat = tl.where(row_mask, (tl.load(s_ptr + start + cols, mask=row_mask, other=0.0).to(tl.float32) - mean)
+                        * rstd, 0.0)
+        if BLOCK > HELD_SUMS_BLOCK:
+            tl.store(dbias_parts_ptr + parts, tl.load(dbias_parts_ptr + parts, mask=mask) + dy, mask=mask)
+            tl.store(dweight_parts_ptr + parts, tl.load(dweight_parts_ptr + parts, mask=mask) + dy * xhat, mask=mask)
+        else:
+            dbias += dy
+            dweight += dy * xhat
+        g = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32) * dy
         mean_g_xhat = tl.sum(g * xhat, axis=0) / n_cols
         mean_g = tl.sum(g, axis=0) / n_cols
         dx = (g - (xhat * mean_g_xhat + mean_g)) * rstd
         if HAS_SKIP_GRAD:
-            dx += tl.load(skip_grad_ptr + offs, mask=row_mask, other=0.0).to(tl.float32)
-        tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=row_mask)
+            dx += tl.load(skip_grad_ptr + start + cols, mask=row_mask, other=0.0).to(tl.float32)
+        tl.store(dx_ptr + start + cols, dx.to(dx_ptr.dtype.element_ty), mask=row_mask)
         if WRITE_RESIDUAL_GRAD:
-            tl.store(dresidual_ptr + offs, dx.to(dresidual_ptr.dtype.element_ty), mask=row_mask)
-        dweight += dy * xhat
-        dbias += dy
-    tl.store(dweight_parts_ptr + program * n_cols + cols, dweight, mask=mask)
-    tl.store(dbias_parts_ptr + program * n_cols + cols, dbias, mask=mask)
+            tl.store(dresidual_ptr + start + cols, dx.to(dresidual_ptr.dtype.element_ty), mask=row_mask)
+    if BLOCK <= HELD_SUMS_BLOCK:
+        tl.store(dweight_parts_ptr + parts, dweight, mask=mask)
+        tl.store(dbias_parts_ptr + parts, dbias, mask=mask)
 
 
 @triton.jit(do_not_specialize=["n_parts"])

@@ -14,8 +14,8 @@ and gives dweight and dbias. In a transformer block `x + drop(attn(ln_1(x)))` th
 this is one op forward and one backward where autograd ran an add, the norm, a cast each way
 and a gradient sum.
 
-Saved for the backward: s (or x without a residual), and the fp32 mean and rstd of each row,
-8 bytes a row, so the kernel reads s and dy once and does not recompute the statistics.
+Saved for the backward: s (or x without a residual), and the fp32 mean and rstd of each row
+(float64 for float64 rows), 8 bytes a row, so the kernel reads s and dy once and does not recompute the statistics.
 
 The custom ops `matta::layer_norm` and `matta::layer_norm_backward` dispatch to the Triton
 kernels (kernels/layer_norm.py) or to the PyTorch path here: `x + residual` and the aten
@@ -37,11 +37,16 @@ def default_out_dtype(x: Tensor) -> torch.dtype:
     return x.dtype
 
 
+def _wide(t):
+    """t in fp32 at least (float64 stays float64: gradcheck and the oracles run in it)."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
 def layer_norm_reference(x, weight, bias, eps, *, residual=None, out_dtype=None):
     """The add and F.layer_norm in fp32 as plain PyTorch (autograd runs the backward); same contract."""
     out_dtype = default_out_dtype(x) if out_dtype is None else out_dtype
     s = x if residual is None else (x + residual).to(x.dtype)
-    y = F.layer_norm(s.float(), (x.shape[-1],), weight.float(), bias.float(), eps).to(out_dtype)
+    y = F.layer_norm(_wide(s), (x.shape[-1],), _wide(weight), _wide(bias), eps).to(out_dtype)
     return y if residual is None else (s, y)
 
 
@@ -51,14 +56,14 @@ def layer_norm_reference(x, weight, bias, eps, *, residual=None, out_dtype=None)
 
 def _torch_forward(x, residual, weight, bias, eps, out_dtype):
     s = x if residual is None else (x + residual).to(x.dtype)
-    y, mean, rstd = torch.native_layer_norm(s.float(), (s.shape[-1],), weight.float(), bias.float(), eps)
+    y, mean, rstd = torch.native_layer_norm(_wide(s), (s.shape[-1],), _wide(weight), _wide(bias), eps)
     return (x.new_empty(0) if residual is None else s), y.to(out_dtype), mean.view(-1), rstd.view(-1)
 
 
 def _torch_backward(dy, s, weight, bias, mean, rstd, skip_grad, residual_dtype, param_grads):
     rows = s.shape[0]
     dx, dweight, dbias = torch.ops.aten.native_layer_norm_backward(
-        dy.float(), s.float(), (s.shape[-1],), mean.view(rows, 1), rstd.view(rows, 1), weight.float(), bias.float(),
+        _wide(dy), _wide(s), (s.shape[-1],), mean.view(rows, 1), rstd.view(rows, 1), _wide(weight), _wide(bias),
         [True, param_grads, param_grads])
     if skip_grad is not None:
         dx = dx + skip_grad
@@ -112,7 +117,7 @@ def _layer_norm_op(x: Tensor, residual: Tensor | None, weight: Tensor, bias: Ten
 def _(x, residual, weight, bias, eps, out_dtype):
     rows = x.shape[0]
     s = x.new_empty(0) if residual is None else torch.empty_like(x)
-    stats = x.new_empty(rows, dtype=torch.float32)
+    stats = x.new_empty(rows, dtype=torch.promote_types(x.dtype, torch.float32))
     return s, x.new_empty(x.shape, dtype=out_dtype), stats, torch.empty_like(stats)
 
 
