@@ -37,11 +37,16 @@ MAX_WIDTH = 8192
 BLOCKS = (1024, 2048, 4096, 8192)
 # The widest block whose backward holds its running dweight/dbias sums in registers.
 HELD_SUMS_BLOCK = tl.constexpr(4096)
-# Backward programs per SM: enough resident rows to hide latency, few partial rows to sum.
-PROGRAMS_PER_SM = 4
+# Backward programs: one wave of what fits on an SM. Its builds take 56-98 registers a
+# thread (compile_check), so about 24 warps are resident per SM: 6 programs of 4 warps at
+# d <= 1024, down to 1 of the 16- and 32-warp builds.
+RESIDENT_WARPS_PER_SM = 24
 # Under the interpreter, few programs, so that each walks several rows (and one a partial run).
 INTERPRETER_PROGRAMS = 3
-REDUCE_BLOCK = 128
+# The partial-sum kernel: a program sums REDUCE_PARTS partial rows at a time over
+# REDUCE_BLOCK columns, so d = 1024 spreads over 32 programs.
+REDUCE_BLOCK = 32
+REDUCE_PARTS = 64
 MODEL_SM_COUNT = 132  # an H100's, where the launcher cannot ask the device
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -163,18 +168,21 @@ def _backward_kernel(dy_ptr, s_ptr, weight_ptr, mean_ptr, rstd_ptr, skip_grad_pt
 
 @triton.jit(do_not_specialize=["n_parts"])
 def _param_grads_kernel(dweight_parts_ptr, dbias_parts_ptr, dweight_ptr, dbias_ptr, n_parts, n_cols,
-                        BLOCK: tl.constexpr):
-    """dweight[j] = parts[0, j] + parts[1, j] + ... in that order; dbias likewise."""
+                        PARTS: tl.constexpr, BLOCK: tl.constexpr):
+    """dweight[j] = the sum over p of parts[p, j], PARTS rows a step (a fixed tree within a
+    step, steps in order: the same bits every run); dbias likewise."""
     cols = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = cols < n_cols
+    col_mask = cols < n_cols
     dweight = tl.zeros((BLOCK,), dtype=tl.float32)
     dbias = tl.zeros((BLOCK,), dtype=tl.float32)
-    for part in range(0, n_parts):
-        offs = part * n_cols + cols
-        dweight += tl.load(dweight_parts_ptr + offs, mask=mask, other=0.0)
-        dbias += tl.load(dbias_parts_ptr + offs, mask=mask, other=0.0)
-    tl.store(dweight_ptr + cols, dweight.to(dweight_ptr.dtype.element_ty), mask=mask)
-    tl.store(dbias_ptr + cols, dbias.to(dbias_ptr.dtype.element_ty), mask=mask)
+    for first in range(0, n_parts, PARTS):
+        parts = first + tl.arange(0, PARTS)
+        offs = parts[:, None] * n_cols + cols[None, :]
+        mask = (parts[:, None] < n_parts) & col_mask[None, :]
+        dweight += tl.sum(tl.load(dweight_parts_ptr + offs, mask=mask, other=0.0), axis=0)
+        dbias += tl.sum(tl.load(dbias_parts_ptr + offs, mask=mask, other=0.0), axis=0)
+    tl.store(dweight_ptr + cols, dweight.to(dweight_ptr.dtype.element_ty), mask=col_mask)
+    tl.store(dbias_ptr + cols, dbias.to(dbias_ptr.dtype.element_ty), mask=col_mask)
 
 
 def _poisoned(shape, like, dtype, options):
@@ -199,9 +207,10 @@ def _launch(fn, grid, args, constexprs, options, name, unused=()):
     fn[grid](*args, **constexprs, num_warps=warps)
 
 
-def backward_programs(rows: int, options: LaunchOptions) -> int:
+def backward_programs(rows: int, width: int, options: LaunchOptions) -> int:
     """How many programs (and partial rows of the parameter gradients) the backward runs."""
-    most = INTERPRETER_PROGRAMS if options.interpreting else PROGRAMS_PER_SM * options.sm_count
+    per_sm = max(1, RESIDENT_WARPS_PER_SM // num_warps(block_for(width)))
+    most = INTERPRETER_PROGRAMS if options.interpreting else per_sm * options.sm_count
     return max(1, min(rows, most))
 
 
@@ -234,7 +243,7 @@ def layer_norm_backward(dy, s, weight, mean, rstd, skip_grad, residual_dtype, pa
     dbias = _poisoned((width,), s, weight.dtype, options) if param_grads else s.new_empty(0)
     if not rows:
         return dx, dresidual, dweight.zero_(), dbias.zero_()
-    programs = backward_programs(rows, options)
+    programs = backward_programs(rows, width, options)
     parts = [_poisoned((programs, width), s, torch.float32, options) for _ in range(2)]
     has_skip = skip_grad is not None
     args = (dy, s, weight, mean, rstd, skip_grad if has_skip else s, dx, dresidual if write_residual else dx, *parts,
@@ -244,7 +253,7 @@ def layer_norm_backward(dy, s, weight, mean, rstd, skip_grad, residual_dtype, pa
                                                   "BLOCK": block_for(width)}, options, "layer_norm.backward", unused)
     if param_grads:
         _launch(_param_grads_kernel, (triton.cdiv(width, REDUCE_BLOCK),), (*parts, dweight, dbias, programs, width),
-                {"BLOCK": REDUCE_BLOCK}, options, "layer_norm.param_grads")
+                {"PARTS": REDUCE_PARTS, "BLOCK": REDUCE_BLOCK}, options, "layer_norm.param_grads")
     return dx, dresidual, dweight, dbias
 
 
@@ -324,8 +333,9 @@ def _register_compile_specs():
             name=f"layer_norm.param_grads[{weight}]",
             fn=_param_grads_kernel,
             signature={"dweight_parts_ptr": "*fp32", "dbias_parts_ptr": "*fp32", "dweight_ptr": f"*{weight}",
-                       "dbias_ptr": f"*{weight}", "n_parts": "i32", "n_cols": "i32", "BLOCK": "constexpr"},
-            constexprs={"BLOCK": REDUCE_BLOCK},
+                       "dbias_ptr": f"*{weight}", "n_parts": "i32", "n_cols": "i32", "PARTS": "constexpr",
+                       "BLOCK": "constexpr"},
+            constexprs={"PARTS": REDUCE_PARTS, "BLOCK": REDUCE_BLOCK},
             options={"num_warps": 4},
             divisible=("dweight_parts_ptr", "dbias_parts_ptr", "dweight_ptr", "dbias_ptr", "n_cols"),
         ))

@@ -101,6 +101,15 @@ def test_parameter_gradients_are_deterministic(backend, device):
     assert all(torch.equal(a, b) for a, b in zip(first, second))
 
 
+def test_many_partial_rows(backend, device, check_launches, monkeypatch):
+    """As many backward programs as a GPU runs for these rows, so the partial sums take
+    several steps of the summing kernel (the last one partial)."""
+    kernel = pytest.importorskip("matta.kernels.layer_norm")
+    monkeypatch.setattr(kernel, "INTERPRETER_PROGRAMS", 2 * kernel.REDUCE_PARTS + 9)
+    problem = make_problem(300, 40, x_dtype=torch.float32, residual_dtype=torch.float32, device=device)
+    assert_matches_oracle(problem, torch.float32, kernel=backend == "triton", check_launches=check_launches)
+
+
 def test_without_parameter_gradients(backend, device, check_launches):
     problem = make_problem(37, 200, x_dtype=torch.float32, residual_dtype=torch.float32, device=device)
     problem["weight"].requires_grad_(False)

@@ -283,7 +283,7 @@ def _layer_norm_cost(name, args, card_kind, sm_count):
         if param_grads:
             from ..kernels.layer_norm import LaunchOptions, backward_programs
 
-            partials = 2 * backward_programs(rows, LaunchOptions(sm_count=sm_count)) * width * 4
+            partials = 2 * backward_programs(rows, width, LaunchOptions(sm_count=sm_count)) * width * 4
             written += partials
             read += partials
     else:  # native_layer_norm_backward, the skip gradient's add, casts where dtypes differ
