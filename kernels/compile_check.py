@@ -179,12 +179,28 @@ def _nested_linear_problems(spec):
     return [("ffn_up dW", tiles(FFN_TA, D_MODEL)), ("ffn_down dW", tiles(D_MODEL, FFN_TA))]
 
 
+def _layer_norm_problems(spec):
+    """Programs of the fused LayerNorm at GPT-2 Medium's residual stream (16384 rows of 1024)."""
+    from . import layer_norm
+
+    if spec.name.startswith("layer_norm.param_grads"):
+        return [(f"dweight/dbias of {D_MODEL}", math.ceil(D_MODEL / layer_norm.REDUCE_BLOCK))]
+    if spec.constexprs["BLOCK"] != layer_norm.block_for(D_MODEL):
+        return [("rows wider than GPT-2 Medium's", None)]
+    if spec.name.startswith("layer_norm.backward"):
+        programs = layer_norm.backward_programs(TOKENS, D_MODEL, layer_norm.LaunchOptions(sm_count=H100["sms"]))
+        return [(f"{TOKENS} rows x {D_MODEL}, {programs} programs", programs)]
+    return [(f"{TOKENS} rows x {D_MODEL}", TOKENS)]
+
+
 def report_problems(spec):
     """Where each kernel runs at the GPT-2 Medium MatTA shapes: [(label, programs or None)]."""
     if spec.name.startswith("nested_linear."):
         return _nested_linear_problems(spec)
     if spec.name.startswith("matta_loss"):  # one program per token row over V = 50257
         return [(f"{TOKENS} rows x V {VOCAB}", TOKENS)]
+    if spec.name.startswith("layer_norm."):
+        return _layer_norm_problems(spec)
     return [("one program per matrix", None)]  # the Newton roots: the batch sets the grid
 
 

@@ -23,7 +23,8 @@ Launches are counted as they happen on the device kind:
   multi_tensor_apply); matta's nested Dense op is one Triton launch forward and one per
   product backward (plus split-K reductions), as kernels/nested_linear.py launches them;
   SDPA's FlashAttention backward is 3 kernels (dot(dO, O), the main pass, dQ conversion);
-  LayerNorm's backward 2 (input, then weight/bias reductions); embedding backward 3.
+  LayerNorm's backward 2 (input, then weight/bias reductions), as is matta's fused one
+  (matta::layer_norm_backward; its forward 1); embedding backward 3.
 - "cpu": one dispatched op each; multi-tensor ops loop over their tensors (one op per
   tensor), nested Dense runs its PyTorch path (one op per GEMM or reduction it issues).
 """
@@ -269,6 +270,39 @@ def _nested_linear_cost(name, args, card_kind, sm_count):
                   f"T={t} W={n_ta}x{m_ta} S={n_s}x{m_s}{' +GELU' if gelu else ''}", min(t, n_ta, m_ta))
 
 
+def _layer_norm_cost(name, args, card_kind, sm_count):
+    """matta::layer_norm / matta::layer_norm_backward (see matta/ops/layer_norm.py): one pass
+    over the rows each way, plus on a GPU the backward's fp32 partial sums of dweight and
+    dbias (one row per program, kernels/layer_norm.py) and the launch that adds them up."""
+    if name == "matta::layer_norm":
+        x, residual, weight, bias, _, out_dtype = args
+        rows, width = x.shape
+        read = sum(tensor_bytes(t) for t in (x, residual, weight, bias) if t is not None)
+        written = rows * width * out_dtype.itemsize + 8 * rows + (tensor_bytes(x) if residual is not None else 0)
+        # The PyTorch path: the add, the norm, and casts to fp32 and to out_dtype where they differ.
+        cpu_ops = 1 + (residual is not None) + (x.dtype != torch.float32) + (out_dtype != torch.float32)
+        return OpCost(name, MEMORY, float(rows * width), read, float(written), 1 if card_kind == "gpu" else cpu_ops,
+                      shape=str((rows, width)))
+    dy, s, weight, bias, mean, rstd, skip_grad, residual_dtype, param_grads = args
+    rows, width = s.shape
+    read = sum(tensor_bytes(t) for t in (dy, s, weight, mean, rstd, skip_grad) if t is not None)
+    written = tensor_bytes(s) + (rows * width * residual_dtype.itemsize if residual_dtype is not None else 0)
+    if param_grads:
+        written += 2 * width * weight.element_size()
+    if card_kind == "gpu":
+        launches = 1 + param_grads
+        if param_grads:
+            from ..kernels.layer_norm import LaunchOptions, backward_programs
+
+            partials = 2 * backward_programs(rows, width, LaunchOptions(sm_count=sm_count)) * width * 4
+            written += partials
+            read += partials
+    else:  # native_layer_norm_backward, the skip gradient's add, casts where dtypes differ
+        launches = 1 + (skip_grad is not None) + (residual_dtype is not None) + (dy.dtype != torch.float32) \
+            + (s.dtype != torch.float32)
+    return OpCost(name, MEMORY, float(rows * width), read, float(written), int(launches), shape=str((rows, width)))
+
+
 def op_cost(func, args, kwargs, out, card_kind: str, sm_count: int = 132) -> OpCost | None:
     """The cost of one op on a `card_kind` ("gpu" or "cpu") device; None when it is free."""
     schema = func._schema
@@ -277,6 +311,8 @@ def op_cost(func, args, kwargs, out, card_kind: str, sm_count: int = 132) -> OpC
         return None
     if name.startswith("matta::nested_linear"):
         return _nested_linear_cost(name, args, card_kind, sm_count)
+    if name.startswith("matta::layer_norm"):
+        return _layer_norm_cost(name, args, card_kind, sm_count)
     custom = CUSTOM_COSTS.get(name)
     if custom is not None:
         return custom(args, kwargs, card_kind)

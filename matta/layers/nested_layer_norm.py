@@ -4,6 +4,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._sizes import as_size
+from ..ops.layer_norm import layer_norm
 
 
 class NestedLayerNorm(nn.Module):
@@ -34,6 +35,16 @@ class NestedLayerNorm(nn.Module):
 
     def forward(self, x_s, x_ta):
         return self.forward_student(x_s), self.forward_ta(x_ta)
+
+    def norm_student(self, x_s, residual_s=None):
+        """The Student's norm as one fused op (matta.ops.layer_norm): y_s, or (x_s + residual_s,
+        y_s) with a residual; y_s in the autocast dtype under autocast, ready for the next
+        nested Dense op. In fp32 the same numbers as the add and forward_student."""
+        return layer_norm(x_s, *self.student_parameters(), self.eps, residual=residual_s)
+
+    def norm_ta(self, x_ta, residual_ta=None):
+        """The TA's norm as one fused op, as `norm_student`."""
+        return layer_norm(x_ta, self.weight, self.bias, self.eps, residual=residual_ta)
 
     def plain(self, width: int) -> nn.LayerNorm:
         """An nn.LayerNorm over the first `width` features, holding a copy of them."""

@@ -249,13 +249,20 @@ class NestedBlock(nn.Module):
         self.mlp = NestedMLP(d_s, d_ta, config.n_inner, ffn_ta, share)
         self.drop = nn.Dropout(config.dropout)
 
+    # The norms run as fused ops (NestedLayerNorm.norm_student / norm_ta): the add in front
+    # of ln_2 goes into it, and under autocast both norms write the autocast dtype the
+    # nested Dense ops read. The block's last add stays apart: it feeds the next block's
+    # ln_1 through NestedLM.hidden_states, which GAU blocks share.
+
     def forward_student(self, x_s):
-        x_s = x_s + self.drop(self.attn.forward_student(self.ln_1.forward_student(x_s)))
-        return x_s + self.drop(self.mlp.forward_student(self.ln_2.forward_student(x_s)))
+        a_s = self.attn.forward_student(self.ln_1.norm_student(x_s))
+        x_s, h_s = self.ln_2.norm_student(x_s, self.drop(a_s))
+        return x_s + self.drop(self.mlp.forward_student(h_s))
 
     def forward_ta(self, x_ta):
-        x_ta = x_ta + self.drop(self.attn.forward_ta(self.ln_1.forward_ta(x_ta)))
-        return x_ta + self.drop(self.mlp.forward_ta(self.ln_2.forward_ta(x_ta)))
+        a_ta = self.attn.forward_ta(self.ln_1.norm_ta(x_ta))
+        x_ta, h_ta = self.ln_2.norm_ta(x_ta, self.drop(a_ta))
+        return x_ta + self.drop(self.mlp.forward_ta(h_ta))
 
     def forward(self, x_s, x_ta):
         """(y_s, y_ta); a stream whose input is None is not computed (its output is None)."""
@@ -263,9 +270,10 @@ class NestedBlock(nn.Module):
             return None, self.forward_ta(x_ta)
         if x_ta is None:
             return self.forward_student(x_s), None
-        a_s, a_ta = self.attn(*self.ln_1(x_s, x_ta))
-        x_s, x_ta = x_s + self.drop(a_s), x_ta + self.drop(a_ta)
-        m_s, m_ta = self.mlp(*self.ln_2(x_s, x_ta))
+        a_s, a_ta = self.attn(self.ln_1.norm_student(x_s), self.ln_1.norm_ta(x_ta))
+        r_s, r_ta = self.drop(a_s), self.drop(a_ta)
+        (x_s, h_s), (x_ta, h_ta) = self.ln_2.norm_student(x_s, r_s), self.ln_2.norm_ta(x_ta, r_ta)
+        m_s, m_ta = self.mlp(h_s, h_ta)
         return x_s + self.drop(m_s), x_ta + self.drop(m_ta)
 
 

@@ -83,15 +83,16 @@ def use_triton(*tensors: torch.Tensor) -> bool:
     return True
 
 
-def use_triton_for(op: str, *tensors: torch.Tensor, tokens: int) -> bool:
-    """`use_triton`, with the dispatch table deciding CUDA tensors under MATTA_BACKEND=auto."""
+def use_triton_for(op: str, *tensors: torch.Tensor, tokens: int, dtype: torch.dtype | None = None) -> bool:
+    """`use_triton`, with the dispatch table deciding CUDA tensors under MATTA_BACKEND=auto;
+    the table is keyed by `dtype` (default: the first tensor's)."""
     if not use_triton(*tensors):
         return False
     if requested_backend() == "triton":
         return True
     device = tensors[0].device
     capability = "sm_{}{}".format(*torch.cuda.get_device_capability(device))
-    return lookup(op, capability, dtype_key(tensors[0].dtype), tokens) == "triton"
+    return lookup(op, capability, dtype_key(tensors[0].dtype if dtype is None else dtype), tokens) == "triton"
 
 
 def dtype_key(dtype: torch.dtype) -> str:
