@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from matta import NestedLinear
 from matta.kernels import LAUNCH_COUNTS
 from matta.ops import nested_gelu_mlp, nested_gelu_mlp_reference
-from test_nested_linear import FLOOR, KERNEL, rel_err
+from test_nested_linear import KERNEL, assert_within_twice_torch_error, rel_err
 from test_nested_linear_tiles import CONFIGS, kernel, pinned  # noqa: F401 (a fixture)
 
 GELU_OUT, GELU_GRAD = "nested_linear.matmul.gelu_out", "nested_linear.matmul.gelu_grad"
@@ -58,12 +58,7 @@ def assert_matches_oracle(x_s, x_ta, fc, proj, dtype, *, kernel):
     torch_same = run(nested_gelu_mlp_reference, *_detached(x_s, x_ta, fc, proj, dtype), grads_out)
     oracle = run(nested_gelu_mlp_reference, *_detached(x_s, x_ta, fc, proj, torch.float64),
                  [g.double() for g in grads_out])
-    assert len(got) == len(oracle)
-    for i, (g, ref, o) in enumerate(zip(got, torch_same, oracle)):
-        assert g.shape == o.shape and g.dtype == dtype, (i, g.shape, o.shape, g.dtype)
-        assert torch.isfinite(g).all(), f"output {i} has non-finite values"
-        bound = max(2 * rel_err(ref, o), FLOOR[dtype])
-        assert rel_err(g, o) <= bound, f"output {i}: error {rel_err(g, o):.3g} > {bound:.3g}"
+    assert_within_twice_torch_error(got, torch_same, oracle, dtype)
 
 
 # (T, d_s, d_ta, f_s, f_ta): odd sizes over several 32-wide interpreter tiles; d and f nested

@@ -70,6 +70,12 @@ def assert_matches_oracle(problem, student_features, dtype, *, kernel):
     torch_same = run(nested_linear_reference, detached_as(problem, dtype), student_features, grads_out)
     oracle = run(nested_linear_reference, detached_as(problem, torch.float64), student_features,
                  [g.double() for g in grads_out])
+    assert_within_twice_torch_error(got, torch_same, oracle, dtype)
+
+
+def assert_within_twice_torch_error(got, torch_same, oracle, dtype):
+    """Each of `got` is within 2x the error of PyTorch in `dtype` (`torch_same`) against the
+    float64 `oracle` (or the dtype's floor), finite, and of the oracle's shape."""
     assert len(got) == len(oracle)
     for i, (g, ref, o) in enumerate(zip(got, torch_same, oracle)):
         assert g.shape == o.shape and g.dtype == dtype, (i, g.shape, o.shape, g.dtype)
