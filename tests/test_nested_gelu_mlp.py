@@ -91,14 +91,18 @@ def test_gpu_tiles(pinned, device, kind, tiles, shared):  # noqa: F811 (the fixt
     problem = make_mlp(t, block_n + 11, d_ta, max(block_m, block_n) + 5, f_ta, shared=shared, device=device,
                        dtype=dtype)
     name = f"{KERNEL}.{'x'.join(map(str, tiles))}"
-    # fp32 with TF32: both GELU launches run 64-row tiles (kernel.tile_configs)
-    fallback = f"{KERNEL}.{'x'.join(map(str, kernel.TILES['tf32'][1][:3]))}"
-    substituted = kind == "tf32" and tiles[0] != 64
-    before = LAUNCH_COUNTS[name], LAUNCH_COUNTS[fallback]
+    # A GELU launch that cannot run the pinned tiles runs its first config (kernel.tile_configs).
+    precision, size = ("tf32", 4) if kind == "tf32" else ("ieee", dtype.itemsize)
+    moved = {}
+    for gelu in (kernel.GELU_OUT, kernel.GELU_GRAD):
+        configs = [c[:3] for c in kernel.tile_configs(size, precision, gelu)]
+        if tuple(tiles) not in configs:
+            moved[configs[0]] = moved.get(configs[0], 0) + 1
+    before = LAUNCH_COUNTS[name], {t: LAUNCH_COUNTS[f"{KERNEL}.{'x'.join(map(str, t))}"] for t in moved}
     assert_matches_oracle(*problem, dtype, kernel=True)
-    assert LAUNCH_COUNTS[name] - before[0] == (4 if substituted else 6)
-    if substituted:
-        assert LAUNCH_COUNTS[fallback] - before[1] == 2
+    assert LAUNCH_COUNTS[name] - before[0] == 6 - sum(moved.values())
+    for t, count in moved.items():
+        assert LAUNCH_COUNTS[f"{KERNEL}.{'x'.join(map(str, t))}"] - before[1][t] == count
 
 
 def _unfused_mlp(x_s, x_ta, fc, proj):
