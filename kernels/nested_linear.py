@@ -19,8 +19,8 @@ once; over [R2, R) only the main one. How the Student product enters is `SUB_MOD
 Bias is added in the epilogue; bias gradients are the row sums of A (the kernel that
 computes dW reads dy^T as A), computed by the programs of the first column block.
 
-GELU rides in the epilogue too (`GELU`, SEPARATE products only), so that an FFN's
-activation costs no pass of its own: GELU_OUT stores the pre-activation h in C (C2) and
+GELU rides in the epilogue too (`GELU`, SEPARATE products or a plain one: the TA alone,
+`n_s` = 0 in the launchers), so that an FFN's activation costs no pass of its own: GELU_OUT stores the pre-activation h in C (C2) and
 gelu(h) in E (E2), for the next layer's input and this layer's backward; GELU_GRAD multiplies
 the product by gelu'(h), h read from E (E2), which turns the next layer's input gradient into
 this layer's output gradient. gelu is the tanh form, gelu(h) = h sigmoid(2u) with
@@ -301,15 +301,16 @@ def _nested_matmul_kernel(
                     acc2 += tl.load(bias2_ptr + cols, mask=cols < Q2, other=0.0).to(tl.float32)[None, :]
                 _store_tile(c2_ptr + first_row2 * stride_c2p, acc2, rows, cols, stride_c2p, stride_c2q, P2, Q2)
     else:
-        # SEPARATE without split-K. The Student's product is rounded to its output dtype
-        # before the TA tile's epilogue: two fp32 accumulators and a loaded tile of h spill
-        # on sm_90 (kernels/compile_check.py).
+        # SEPARATE, or NONE (one stream alone), without split-K. The Student's product is
+        # rounded to its output dtype before the TA tile's epilogue: two fp32 accumulators
+        # and a loaded tile of h spill on sm_90 (kernels/compile_check.py).
         if HAS_BIAS2:
             acc2 += tl.load(bias2_ptr + cols, mask=cols < Q2, other=0.0).to(tl.float32)[None, :]
         out2 = acc2.to(c2_ptr.dtype.element_ty)
         _epilogue_store(c_ptr, e_ptr, acc, rows, cols, stride_cp, stride_cq, P, Q, GELU)
-        if in_sub:
-            _epilogue_store(c2_ptr, e2_ptr, out2, rows, cols, stride_c2p, stride_c2q, P2, Q2, GELU)
+        if SUB_MODE == 1:
+            if in_sub:
+                _epilogue_store(c2_ptr, e2_ptr, out2, rows, cols, stride_c2p, stride_c2q, P2, Q2, GELU)
 
     if ROW_SUMS:
         if pid_q == 0:
@@ -399,15 +400,15 @@ def nested_matmul(a, b, out, *, options, bias=None, sub_mode=NONE, sub_shape=(0,
     row_sums (P,) receives a.sum(1) (plus a2's sums unless SEPARATE, where row_sums2 must be
     given too and receives them). `token_axis` names which of P, Q, R (0, 1, 2) counts
     tokens: the autotuner keys on its bucket. `split_k` > 1 (no bias, no PREFIX) slices the
-    reduction; the outputs must then be contiguous. `gelu` (SEPARATE only, no split-K): with
-    GELU_OUT, gelu_out (gelu_out2) receives gelu(out) (gelu(out2)); with GELU_GRAD they hold
-    h, and out (out2) is multiplied by gelu'(h). They have the strides of out (out2).
+    reduction; the outputs must then be contiguous. `gelu` (SEPARATE or NONE, no split-K):
+    with GELU_OUT, gelu_out (gelu_out2) receives gelu(out) (gelu(out2)); with GELU_GRAD they
+    hold h, and out (out2) is multiplied by gelu'(h). They have the strides of out (out2).
     Any strides; every tensor on one device.
     """
     if gelu != NO_GELU:
-        if sub_mode != SEPARATE or split_k != 1:
-            raise ValueError("the GELU epilogue needs a SEPARATE Student product and no split-K")
-        if gelu_out.stride() != out.stride() or gelu_out2.stride() != out2.stride():
+        if sub_mode not in (NONE, SEPARATE) or split_k != 1:
+            raise ValueError("the GELU epilogue needs a SEPARATE Student product or none, and no split-K")
+        if gelu_out.stride() != out.stride() or (sub_mode == SEPARATE and gelu_out2.stride() != out2.stride()):
             raise ValueError("the GELU epilogue's tensors must have the strides of the outputs")
     P, R = a.shape
     Q = b.shape[1]
@@ -486,7 +487,8 @@ def _poisoned(shape, like, dtype, options):
 
 def nested_linear_forward(x_s, x_ta, weight, bias, student_weight, student_bias, n_s, m_s, one_input, options,
                           gelu=False):
-    """(y_s, y_ta); with `gelu` (two inputs only) (y_s, y_ta, gelu(y_s), gelu(y_ta))."""
+    """(y_s, y_ta); with `gelu` (two inputs only) (y_s, y_ta, gelu(y_s), gelu(y_ta)). `n_s` = 0
+    (two inputs, shared weight): the TA alone, one plain product; y_s is empty."""
     t = x_ta.shape[0]
     n_ta, m_ta = weight.shape
     y_ta = _poisoned((t, n_ta), x_ta, x_ta.dtype, options)
@@ -501,7 +503,12 @@ def nested_linear_forward(x_s, x_ta, weight, bias, student_weight, student_bias,
     launch = dict(options=options, token_axis=0)
     if gelu:
         launch.update(gelu=GELU_OUT, gelu_out=a_ta, gelu_out2=a_s)
-    if student_weight is not None:
+    if n_s == 0:
+        if one_input or student_weight is not None:
+            raise ValueError("the TA alone (n_s = 0) takes two inputs and a shared weight")
+        launch.pop("gelu_out2", None)
+        nested_matmul(x_ta, w_t, y_ta, bias=bias, **launch)
+    elif student_weight is not None:
         b2 = student_weight.t()
         a2 = x_ta if one_input else x_s
         nested_matmul(x_ta, w_t, y_ta, bias=bias, sub_mode=SEPARATE, sub_shape=(t, n_s, m_s), a2=a2, b2=b2,
@@ -523,7 +530,10 @@ def nested_linear_backward(grad_s, grad_ta, x_s, x_ta, weight, student_weight, n
     (h_s, h_ta), with both input gradients of a two-input layer: the input gradients come
     out multiplied by gelu'(h) (the gradients of the pre-activations before this layer)."""
     need_x_s, need_x_ta, need_w, need_b, need_ws, need_bs = needs
-    if gelu_inputs is not None and (one_input or not (need_x_s and need_x_ta)):
+    alone = n_s == 0  # the TA alone: plain products (see nested_linear_forward)
+    if alone and (one_input or student_weight is not None or need_x_s or need_ws or need_bs):
+        raise ValueError("the TA alone (n_s = 0) takes two inputs, a shared weight and no Student gradients")
+    if gelu_inputs is not None and (one_input or not (need_x_ta and (need_x_s or alone))):
         raise ValueError("the GELU epilogue needs both input gradients of a two-input layer")
     t = grad_ta.shape[0]
     n_ta, m_ta = weight.shape
@@ -550,7 +560,12 @@ def nested_linear_backward(grad_s, grad_ta, x_s, x_ta, weight, student_weight, n
 
     # Input gradients: dx_ta = dy_ta W (+ dy_s W_S into its first M_S columns with one input).
     launch = dict(options=options, token_axis=0)
-    if need_x_ta and one_input:
+    if alone:
+        if gelu_inputs is not None:
+            launch.update(gelu=GELU_GRAD, gelu_out=gelu_inputs[1])
+        if need_x_ta:
+            nested_matmul(grad_ta, weight, dx_ta, **launch)
+    elif need_x_ta and one_input:
         if shared:
             nested_matmul(grad_ta, weight, dx_ta, sub_mode=ADD, sub_shape=(t, m_s, n_s), a2=grad_s, fold=True, **launch)
         else:
@@ -569,9 +584,12 @@ def nested_linear_backward(grad_s, grad_ta, x_s, x_ta, weight, student_weight, n
     # Tokens are the reduction, split when the output tiles cannot fill the GPU.
     db = empty(n_ta, dtype=torch.float32) if need_b else None
     dbs = empty(n_s, dtype=torch.float32) if need_bs else None
-    rows, cols = (n_ta, m_ta) if need_w else (n_s, m_s)
+    rows, cols = (n_ta, m_ta) if need_w or alone else (n_s, m_s)
     launch = dict(options=options, token_axis=2, split_k=choose_split_k(rows, cols, t, options.sm_count))
-    if shared and need_w:
+    if alone:
+        if need_w:
+            nested_matmul(grad_ta.t(), x_ta, dw, row_sums=db, **launch)
+    elif shared and need_w:
         nested_matmul(grad_ta.t(), x_ta, dw, sub_mode=ADD, sub_shape=(n_s, m_s, t), a2=grad_s.t(),
                       b2=None if one_input else x_s, fold=one_input, row_sums=db, **launch)
     elif need_w or need_ws:
@@ -589,7 +607,7 @@ def nested_linear_backward(grad_s, grad_ta, x_s, x_ta, weight, student_weight, n
             nested_matmul(grad_s.t(), x_s, dws, row_sums=dbs, **launch)
     if need_b and not need_w:
         db = grad_ta.sum(0, dtype=torch.float32)
-        if shared:
+        if shared and not alone:
             db[:n_s] += grad_s.sum(0, dtype=torch.float32)
     if need_bs and not need_ws:
         dbs = grad_s.sum(0, dtype=torch.float32)
@@ -633,6 +651,16 @@ def enumerate_launches() -> list:
                     for gelu in gelu_inputs:  # an FFN's second layer: its inputs' pre-activations
                         nested_linear_backward(meta(t, n_s), meta(t, n_ta), x_s, x_ta, weight, student_weight, n_s,
                                                m_s, one_input, needs, options, gelu_inputs=gelu)
+            for has_bias in (False, True):  # the TA alone (n_s = 0): an FFN of one stream
+                weight, x_ta, empty = meta(n_ta, m_ta), meta(t, m_ta), meta(t, 0)
+                bias = meta(n_ta) if has_bias else None
+                for gelu in (False, True):
+                    nested_linear_forward(empty, x_ta, weight, bias, None, None, 0, 0, False, options, gelu=gelu)
+                for need_x, need_w in itertools.product((False, True), repeat=2):
+                    needs = (False, need_x, need_w, has_bias, False, False)
+                    for gelu in (None, (empty, x_ta)) if need_x else (None,):
+                        nested_linear_backward(empty, meta(t, n_ta), empty, x_ta, weight, None, 0, 0, False, needs,
+                                               options, gelu_inputs=gelu)
     return launches
 
 
@@ -672,6 +700,9 @@ def _register_compile_specs():
                                                           GELU=GELU_GRAD)),
         "grad_input_two_inputs_unshared_gelu": ("grad_input", dict(separate, SHARE_B=False, HAS_BIAS=False,
                                                                    HAS_BIAS2=False, GELU=GELU_GRAD)),
+        "forward_alone": ("forward", dict(plain, HAS_BIAS=True)),  # the TA alone (n_s = 0)
+        "forward_alone_gelu": ("forward", dict(plain, HAS_BIAS=True, GELU=GELU_OUT)),
+        "grad_input_alone_gelu": ("grad_input", dict(plain, GELU=GELU_GRAD)),
         "forward_one_input": ("forward", dict(SUB_MODE=PREFIX, FOLD=False, SHARE_B=True, HAS_BIAS=True,
                                               HAS_BIAS2=True)),
         "forward_unshared": ("forward", dict(separate, SHARE_B=False, HAS_BIAS=True, HAS_BIAS2=True)),

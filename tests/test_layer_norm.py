@@ -162,7 +162,8 @@ def test_torch_path_is_bit_identical_to_unfused_code(device, monkeypatch):
 
 
 def test_nested_block_is_bit_identical_to_unfused_code(device, monkeypatch):
-    """NestedBlock with fused norms against the add-then-norm code it replaced (fp32, CPU)."""
+    """NestedBlock with fused norms against the add-then-norm code it replaced (fp32, CPU),
+    alone and fed its own output pair (the next block's ln_1 takes the last add)."""
     from matta.models import GPT2Config, NestedGPT2, NestingConfig
 
     monkeypatch.setenv("MATTA_BACKEND", "torch")
@@ -182,13 +183,25 @@ def test_nested_block_is_bit_identical_to_unfused_code(device, monkeypatch):
             m_s, m_ta = block.mlp(*block.ln_2(x_s, x_ta))
             return x_s + block.drop(m_s), x_ta + block.drop(m_ta)
 
+        def fused(x_s, x_ta):  # the block leaves its last add to the next norm: pairs (x, r)
+            (x_s, r_s), (x_ta, r_ta) = block(x_s, x_ta)
+            return x_s + r_s, x_ta + r_ta
+
+        def twice_fused(x_s, x_ta):  # a pair into the block: its ln_1 takes the add
+            (x_s, r_s), (x_ta, r_ta) = block(*block(x_s, x_ta))
+            return x_s + r_s, x_ta + r_ta
+
+        def twice_unfused(x_s, x_ta):
+            return unfused(*unfused(x_s, x_ta))
+
         params = [x_s, x_ta, *block.parameters()]
-        results = []
-        for fn in (block, unfused):
-            y_s, y_ta = fn(x_s, x_ta)
-            grads = torch.autograd.grad(y_s.square().sum() + y_ta.square().sum(), params)
-            results.append([y_s, y_ta, *grads])
-        assert all(torch.equal(a, b) for a, b in zip(*results))
+        for pair in ((fused, unfused), (twice_fused, twice_unfused)):
+            results = []
+            for fn in pair:
+                y_s, y_ta = fn(x_s, x_ta)
+                grads = torch.autograd.grad(y_s.square().sum() + y_ta.square().sum(), params)
+                results.append([y_s, y_ta, *grads])
+            assert all(torch.equal(a, b) for a, b in zip(*results)), pair[0].__name__
 
 
 def test_autocast_hands_the_next_dense_op_its_dtype(device):
@@ -202,8 +215,10 @@ def test_autocast_hands_the_next_dense_op_its_dtype(device):
     with torch.autocast(device.type, dtype=torch.bfloat16):
         y = block.ln_1.norm_ta(x_ta)
         s, h = block.ln_2.norm_ta(x_ta, torch.randn(2, 16, 32, device=device, dtype=torch.bfloat16))
-        y_s, y_ta = block(x_s, x_ta)
-    assert y.dtype == h.dtype == torch.bfloat16 and s.dtype == y_s.dtype == y_ta.dtype == torch.float32
+        (y_s, r_s), (y_ta, r_ta) = block(x_s, x_ta)
+        (z_s, _), _ = block((y_s, r_s), (y_ta, r_ta))
+    assert y.dtype == h.dtype == torch.bfloat16 and s.dtype == y_s.dtype == y_ta.dtype == z_s.dtype == torch.float32
+    assert r_s.dtype == r_ta.dtype == torch.bfloat16  # the FFN's output, added by the next norm
 
 
 # ----------------------------------------------------------------------------------------

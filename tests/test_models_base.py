@@ -72,6 +72,7 @@ def test_one_stream_alone_equals_that_stream_of_both(family, nesting, monkeypatc
 
 def test_student_stream_never_runs_the_nested_op_or_the_ta(monkeypatch):
     from matta.layers import NestedLinear
+    from matta.models import gpt2
 
     model = make("gpt2", "depth")
     calls = {"forward": 0, "forward_ta": 0}
@@ -87,10 +88,18 @@ def test_student_stream_never_runs_the_nested_op_or_the_ta(monkeypatch):
 
     for name in calls:
         monkeypatch.setattr(NestedLinear, name, counted(name))
+    ffn_weights = []  # the one-stream FFN takes its layers' tensors, not the modules
+    real_mlp = gpt2.gelu_mlp
+    monkeypatch.setattr(gpt2, "gelu_mlp", lambda x, w1, *rest: ffn_weights.append(tuple(w1.shape)) or real_mlp(
+        x, w1, *rest))
     model(torch.randint(0, 61, (2, 9)), stream="student")
     assert calls == {"forward": 0, "forward_ta": 0}  # neither the two-stream op nor the TA ran
+    student_fc = tuple(model.blocks[model.student_layers[0]].mlp.c_fc.student_parameters()[0].shape)
+    assert ffn_weights == [student_fc] * len(model.student_layers)
+    ffn_weights.clear()
     model(torch.randint(0, 61, (2, 9)), stream="ta")
-    assert calls == {"forward": 0, "forward_ta": 4 * model.depth}
+    assert calls == {"forward": 0, "forward_ta": 2 * model.depth}  # attention's two layers
+    assert ffn_weights == [tuple(model.blocks[0].mlp.c_fc.weight.shape)] * model.depth
 
 
 def test_bad_stream_is_refused():

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from matta import NestedLinear
 from matta.kernels import LAUNCH_COUNTS
-from matta.ops import nested_gelu_mlp, nested_gelu_mlp_reference
+from matta.ops import gelu_mlp, nested_gelu_mlp, nested_gelu_mlp_reference
 from test_nested_linear import KERNEL, assert_within_twice_torch_error, rel_err
 from test_nested_linear_tiles import CONFIGS, kernel, pinned  # noqa: F401 (a fixture)
 
@@ -173,3 +173,128 @@ def test_bad_arguments_name_the_problem(device):
         nested_gelu_mlp(x_s.double(), x_ta, fc, proj)
     with pytest.raises(ValueError, match="proj.student_weight must have shape"):
         nested_gelu_mlp(x_s, x_ta, fc, {**proj, "student_weight": torch.zeros(3, 3)})
+
+
+# ----------------------------------------------------------------------------------------
+# gelu_mlp: one stream's FFN (a TA-only block, a run that trains one model).
+
+
+def make_one_stream(t, d, f, *, bias=True, dtype=torch.float32, device="cpu", lead=()):
+    def rand(*size, scale=1.0):
+        return (torch.randn(*size, device=device) * scale).to(dtype).requires_grad_()
+
+    return (rand(*lead, t, d), rand(f, d, scale=d ** -0.5), rand(f) if bias else None, rand(d, f, scale=f ** -0.5),
+            rand(d) if bias else None)
+
+
+def unfused_one_stream(x, w1, b1, w2, b2):
+    return F.linear(F.gelu(F.linear(x, w1, b1), approximate="tanh"), w2, b2)
+
+
+def run_one_stream(fn, inputs, grad_out):
+    y = fn(*inputs)
+    tensors = [v for v in inputs if v is not None]
+    return [y, *torch.autograd.grad((y.float() * grad_out).sum(), tensors)]
+
+
+def assert_one_stream_matches_oracle(inputs, dtype, *, kernel):
+    """gelu_mlp vs the unfused ops in `dtype` and in float64: within 2x PyTorch's error; with
+    `kernel` the six products ran in the nested kernel, GELU in two of their epilogues."""
+    grad_out = torch.randn(*inputs[0].shape[:-1], inputs[3].shape[0], device=inputs[0].device)
+    before = LAUNCH_COUNTS[KERNEL], LAUNCH_COUNTS[GELU_OUT], LAUNCH_COUNTS[GELU_GRAD]
+    got = run_one_stream(gelu_mlp, inputs, grad_out)
+    launched = [LAUNCH_COUNTS[name] - b for name, b in zip((KERNEL, GELU_OUT, GELU_GRAD), before)]
+    assert launched == ([6, 1, 1] if kernel else [0, 0, 0]), launched
+
+    def detached(to):
+        return [None if v is None else v.detach().to(to).requires_grad_() for v in inputs]
+
+    torch_same = run_one_stream(unfused_one_stream, detached(dtype), grad_out)
+    oracle = run_one_stream(unfused_one_stream, detached(torch.float64), grad_out.double())
+    assert_within_twice_torch_error(got, torch_same, oracle, dtype)
+
+
+@pytest.mark.parametrize("shape", [(37, 45, 71), (9, 33, 97)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_one_stream_fp32(backend, device, shape, bias):
+    inputs = make_one_stream(*shape, bias=bias, device=device, lead=(2,))
+    assert_one_stream_matches_oracle(inputs, torch.float32, kernel=backend == "triton")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_one_stream_half_precision(backend, device, dtype):
+    inputs = make_one_stream(37, 45, 71, dtype=dtype, device=device)
+    assert_one_stream_matches_oracle(inputs, dtype, kernel=backend == "triton")
+
+
+@pytest.mark.parametrize("kind, tiles", [pytest.param(*c, id=f"{c[0]}-{'x'.join(map(str, c[1]))}") for c in CONFIGS])
+def test_one_stream_gpu_tiles(pinned, device, kind, tiles):  # noqa: F811 (the fixture)
+    """Every GPU tile shape, tokens and both widths over two tiles with partial edge tiles."""
+    dtype = pinned(kind, tiles, torch.bfloat16)
+    block_m, block_n, _ = tiles
+    inputs = make_one_stream(2 * block_m + 13, 2 * block_n + 7, 2 * max(block_m, block_n) + 19, dtype=dtype,
+                             device=device)
+    precision, size = ("tf32", 4) if kind == "tf32" else ("ieee", dtype.itemsize)
+    moved = sum(tuple(tiles) not in [c[:3] for c in kernel.tile_configs(size, precision, gelu)]
+                for gelu in (kernel.GELU_OUT, kernel.GELU_GRAD))
+    name = f"{KERNEL}.{'x'.join(map(str, tiles))}"
+    before = LAUNCH_COUNTS[name]
+    assert_one_stream_matches_oracle(inputs, dtype, kernel=True)
+    assert LAUNCH_COUNTS[name] - before == 6 - moved
+
+
+def test_one_stream_pytorch_path_is_the_unfused_ops(monkeypatch, device):
+    monkeypatch.setenv("MATTA_BACKEND", "torch")
+    inputs = make_one_stream(37, 45, 71, device=device, lead=(3,))
+    grad_out = torch.randn(3, 37, 45, device=device)
+    got = run_one_stream(gelu_mlp, inputs, grad_out)
+    want = run_one_stream(unfused_one_stream, [v.detach().clone().requires_grad_() for v in inputs], grad_out)
+    for i, (g, w) in enumerate(zip(got, want)):
+        assert torch.equal(g, w), f"output {i} differs from the unfused ops"
+
+
+def test_one_stream_autocast_and_parameter_gradients_only(backend, device):
+    x, w1, b1, w2, b2 = make_one_stream(37, 45, 71, device=device)
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        y = gelu_mlp(x.detach(), w1, b1, w2, b2)
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert all(p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all() for p in (w1, b1, w2, b2))
+
+
+def test_one_stream_bad_arguments_name_the_problem(monkeypatch, device):
+    monkeypatch.setenv("MATTA_BACKEND", "triton")
+    pytest.importorskip("triton")
+    x, w1, b1, w2, b2 = make_one_stream(9, 33, 40, device=device)
+    with pytest.raises(ValueError, match="proj_weight .* must take fc_weight's 40 outputs"):
+        gelu_mlp(x, w1, b1, w2[:, :39], b2)
+    with pytest.raises(ValueError, match="fc_bias must have last dimension 40"):
+        gelu_mlp(x, w1, b1[:39], w2, b2)
+    with pytest.raises(ValueError, match="x must have last dimension 33"):
+        gelu_mlp(x[..., :32], w1, b1, w2, b2)
+    with pytest.raises(TypeError, match="proj_weight has dtype torch.float16"):
+        gelu_mlp(x, w1, b1, w2.half(), b2)
+
+
+def test_every_ffn_of_a_model_runs_the_fused_kernels(monkeypatch, device):
+    """A nested GPT-2 with TA-only layers under MATTA_BACKEND=triton: each of the two-stream
+    blocks and each TA-only block computes GELU in a kernel epilogue, forward and backward,
+    and the loss and gradients match the PyTorch path's."""
+    pytest.importorskip("triton")
+    from matta.models import GPT2Config, NestedGPT2, NestingConfig
+
+    config = GPT2Config(vocab_size=61, n_positions=16, n_layer=2, n_embd=32, n_head=2, n_inner=48)
+    model = NestedGPT2(config, NestingConfig(ffn_ta=80, extra_layers=1)).to(device)
+    idx = torch.randint(0, 61, (2, 9), device=device)
+    results = []
+    for backend in ("triton", "torch"):
+        monkeypatch.setenv("MATTA_BACKEND", backend)
+        model.zero_grad(set_to_none=True)
+        before = LAUNCH_COUNTS[GELU_OUT], LAUNCH_COUNTS[GELU_GRAD]
+        logits_s, logits_ta = model(idx)
+        (logits_s.square().mean() + logits_ta.square().mean()).backward()
+        launched = [LAUNCH_COUNTS[GELU_OUT] - before[0], LAUNCH_COUNTS[GELU_GRAD] - before[1]]
+        assert launched == ([model.depth] * 2 if backend == "triton" else [0, 0]), (backend, launched)
+        results.append([logits_s, logits_ta] + [p.grad for p in model.parameters()])
+    for got, want in zip(*results):
+        assert rel_err(got, want) < 1e-5

@@ -1,7 +1,7 @@
 """What a GPU runs where this CPU would run something else: the trace's stand-ins.
 
 The trace runs on fake CPU tensors, so code that branches on the device takes its CPU branch.
-Six branches of matta's step differ on a GPU, and `gpu_lowering(card)` swaps each for what
+Seven branches of matta's step differ on a GPU, and `gpu_lowering(card)` swaps each for what
 the GPU runs, as one priced op or as the GPU branch itself:
 
 1. The MatTA loss row pass (`fused_linear_matta_loss.loss_rows_pass`): on CUDA one Triton
@@ -19,6 +19,11 @@ the GPU runs, as one priced op or as the GPU branch itself:
 6. Shampoo's factor products with `factor_matmul_dtype="tf32"` (`factor_matmul_precision`):
    TF32 on a CUDA device only. Stand-in: its CUDA branch, which the formulas price at the
    card's TF32 peak.
+
+7. The one-stream FFN's dispatch (`one_stream_fused`, read by `gelu_mlp` in TA-only blocks
+   and one-model runs): on CUDA the nested Dense kernels with GELU in their epilogues where
+   the dispatch table's default picks Triton for the compute dtype, on a CPU the unfused
+   ops. Stand-in: that default.
 
 Each patch names its target and fails loudly when the target is gone (a renamed function
 must be renamed here too, not silently left out of the model).
@@ -119,6 +124,9 @@ def device_lowering(card):
             _patch(stack, "matta.ops.fused_linear_matta_loss.loss_rows_pass", _gpu_loss_rows_pass)
             _patch(stack, "matta.ops.fused_linear_matta_loss._add_mm", _gpu_add_mm)
             _patch(stack, "matta.models._common.ids_checked_on_host", lambda idx: False)
+            backend = importlib.import_module("matta.ops.backend")
+            _patch(stack, "matta.ops.nested_linear.one_stream_fused",
+                   lambda weight, tokens, dtype: backend.default_backend(backend.dtype_key(dtype)) == "triton")
             factor_precision = importlib.import_module("matta.optim.shampoo").factor_matmul_precision
             _patch(stack, "matta.optim.shampoo.factor_matmul_precision",
                    lambda matmul_dtype, device: factor_precision(matmul_dtype, torch.device("cuda")))

@@ -12,7 +12,9 @@ A subclass builds the modules in `__init__` (setting `config`, `nest`, `ta_confi
 `drop`, `blocks`, `ta_only_layers`, `student_layers`), and provides `embed`, `final_norm`
 and `stream_shape`. Each block has a bool `ta_only` and `forward(x_s, x_ta, **kwargs) ->
 (y_s, y_ta)`, in which either input may be None (that stream is not computed and its
-output is None). Every stream goes through the block's `forward`, so module hooks (FSDP's
+output is None). A block may hand a stream's output as a pair (x, r) meaning x + r, leaving
+the residual add to the next block's first norm, which fuses it (GPT-2's blocks do, and take
+such pairs as inputs). Every stream goes through the block's `forward`, so module hooks (FSDP's
 gathering of sharded weights among them) see every use.
 """
 from __future__ import annotations
@@ -26,6 +28,11 @@ from torch import nn
 from ._common import count_parameters
 
 STREAMS = ("student", "ta")
+
+
+def _added(x):
+    """A block's output as one tensor: a pair (x, r) (see the module docstring) added up."""
+    return x[0] + x[1] if isinstance(x, tuple) else x
 
 
 @dataclass(frozen=True)
@@ -122,7 +129,10 @@ class NestedLM(nn.Module):
             elif run_ta:
                 _, x_ta = block(None, x_ta, **block_kwargs)
         norm = self.final_norm
-        return (norm.forward_student(x_s) if run_s else None, norm.forward_ta(x_ta) if run_ta else None)
+        # The last add stays apart: the final norm writes fp32 under autocast, where the
+        # fused norm serves a narrower residual only when it writes that dtype.
+        return (norm.forward_student(_added(x_s)) if run_s else None,
+                norm.forward_ta(_added(x_ta)) if run_ta else None)
 
     def lm_logits(self, h_s, h_ta):
         """Logits over the true vocabulary from `hidden_states` (None stays None)."""

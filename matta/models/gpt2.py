@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..layers import NestedLayerNorm, NestedLinear
-from ..ops import nested_gelu_mlp
+from ..ops import gelu_mlp, nested_gelu_mlp
 from . import hf_gpt2
 from ._common import (check_tokens, copy_student_blocks_, count_parameters, embed_tokens, gpt2_init_, resolve_d_model_ta,
                       resolve_ffn_ta)
@@ -223,11 +223,13 @@ class NestedMLP(nn.Module):
         self.c_fc = NestedLinear((d_s, d_ta), (ffn_s, ffn_ta), share_weights=share)
         self.c_proj = NestedLinear((ffn_s, ffn_ta), (d_s, d_ta), share_weights=share)
 
+    # One stream (a TA-only block, or a run that trains one model): `gelu_mlp`, with GELU in
+    # the kernels' epilogues where they run, else the unfused ops.
     def forward_student(self, x_s):
-        return self.c_proj.forward_student(gelu(self.c_fc.forward_student(x_s)))
+        return gelu_mlp(x_s, *self.c_fc.student_parameters(), *self.c_proj.student_parameters())
 
     def forward_ta(self, x_ta):
-        return self.c_proj.forward_ta(gelu(self.c_fc.forward_ta(x_ta)))
+        return gelu_mlp(x_ta, self.c_fc.weight, self.c_fc.bias, self.c_proj.weight, self.c_proj.bias)
 
     def forward(self, x_s, x_ta):
         # One fused op: GELU rides in the nested Dense kernels' epilogues.
@@ -249,32 +251,40 @@ class NestedBlock(nn.Module):
         self.mlp = NestedMLP(d_s, d_ta, config.n_inner, ffn_ta, share)
         self.drop = nn.Dropout(config.dropout)
 
-    # The norms run as fused ops (NestedLayerNorm.norm_student / norm_ta): the add in front
-    # of ln_2 goes into it, and under autocast both norms write the autocast dtype the
-    # nested Dense ops read. The block's last add stays apart: it feeds the next block's
-    # ln_1 through NestedLM.hidden_states, which GAU blocks share.
+    # The norms run as fused ops (NestedLayerNorm.norm_student / norm_ta) that take the
+    # residual add in front of them, and under autocast write the autocast dtype the nested
+    # Dense ops read. So a block leaves its last add to whoever reads it next: each stream's
+    # output is a pair (x, r) meaning x + r (NestedLM.hidden_states), which the next block's
+    # ln_1 adds in its own pass. A block takes either form.
+
+    @staticmethod
+    def _first_norm(norm, x):
+        """(x + r, norm(x + r)) of a pair (x, r) as one op; (x, norm(x)) of a tensor."""
+        return norm(*x) if isinstance(x, tuple) else (x, norm(x))
 
     def forward_student(self, x_s):
-        a_s = self.attn.forward_student(self.ln_1.norm_student(x_s))
-        x_s, h_s = self.ln_2.norm_student(x_s, self.drop(a_s))
-        return x_s + self.drop(self.mlp.forward_student(h_s))
+        x_s, h_s = self._first_norm(self.ln_1.norm_student, x_s)
+        x_s, h_s = self.ln_2.norm_student(x_s, self.drop(self.attn.forward_student(h_s)))
+        return x_s, self.drop(self.mlp.forward_student(h_s))
 
     def forward_ta(self, x_ta):
-        a_ta = self.attn.forward_ta(self.ln_1.norm_ta(x_ta))
-        x_ta, h_ta = self.ln_2.norm_ta(x_ta, self.drop(a_ta))
-        return x_ta + self.drop(self.mlp.forward_ta(h_ta))
+        x_ta, h_ta = self._first_norm(self.ln_1.norm_ta, x_ta)
+        x_ta, h_ta = self.ln_2.norm_ta(x_ta, self.drop(self.attn.forward_ta(h_ta)))
+        return x_ta, self.drop(self.mlp.forward_ta(h_ta))
 
     def forward(self, x_s, x_ta):
-        """(y_s, y_ta); a stream whose input is None is not computed (its output is None)."""
+        """((x_s, r_s), (x_ta, r_ta)), each stream's output x + r; a stream whose input is None
+        is not computed (its output is None). Inputs are tensors or such pairs."""
         if x_s is None:
             return None, self.forward_ta(x_ta)
         if x_ta is None:
             return self.forward_student(x_s), None
-        a_s, a_ta = self.attn(self.ln_1.norm_student(x_s), self.ln_1.norm_ta(x_ta))
-        r_s, r_ta = self.drop(a_s), self.drop(a_ta)
-        (x_s, h_s), (x_ta, h_ta) = self.ln_2.norm_student(x_s, r_s), self.ln_2.norm_ta(x_ta, r_ta)
+        (x_s, h_s), (x_ta, h_ta) = self._first_norm(self.ln_1.norm_student, x_s), self._first_norm(
+            self.ln_1.norm_ta, x_ta)
+        a_s, a_ta = self.attn(h_s, h_ta)
+        (x_s, h_s), (x_ta, h_ta) = self.ln_2.norm_student(x_s, self.drop(a_s)), self.ln_2.norm_ta(x_ta, self.drop(a_ta))
         m_s, m_ta = self.mlp(h_s, h_ta)
-        return x_s + self.drop(m_s), x_ta + self.drop(m_ta)
+        return (x_s, self.drop(m_s)), (x_ta, self.drop(m_ta))
 
 
 class NestedGPT2(NestedLM):

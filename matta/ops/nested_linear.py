@@ -25,6 +25,9 @@ the second layer's input-gradient kernel multiplies by gelu'(h) before it stores
 activation costs no pass over the FFN width in either direction (`matta::nested_linear_gelu`,
 and the `gelu_s`, `gelu_ta` inputs of `matta::nested_linear_backward`). On the PyTorch path
 it runs the same aten ops as two `nested_linear` calls around `F.gelu`, with the same bits.
+`gelu_mlp` is that FFN for one stream: the same ops with a Student of size 0 (`n_s` = `m_s`
+= 0, the TA alone: plain products in the kernels) where the kernels run, else F.linear,
+F.gelu and F.linear.
 """
 import torch
 import torch.nn.functional as F
@@ -390,7 +393,7 @@ def nested_gelu_mlp_reference(x_s, x_ta, fc, proj):
 
 
 class _NestedGeluMLP(torch.autograd.Function):
-    """y = proj(gelu(fc(x))) for both streams; saves what the unfused graph saves (x, h and
+    """y = proj(gelu(fc(x))) for both streams (or the TA alone: Student sizes 0); saves what the unfused graph saves (x, h and
     gelu(h)) and hands the second layer's backward h, so that it returns dh directly."""
 
     @staticmethod
@@ -408,12 +411,13 @@ class _NestedGeluMLP(torch.autograd.Function):
         fc_sizes, proj_sizes = ctx.sizes
         has_b1, has_sb1, has_b2, has_sb2 = ctx.has_bias
         g = ctx.needs_input_grad
-        needs2 = [True, True, g[6], has_b2 and g[7], sw2 is not None and g[8], has_sb2 and g[9]]
+        alone = fc_sizes[0] == 0  # the TA alone (`gelu_mlp`): x_s, h_s, a_s and y_s are empty
+        needs2 = [not alone, True, g[6], has_b2 and g[7], sw2 is not None and g[8], has_sb2 and g[9]]
         grads2 = _nested_linear_backward_op(dy_s.contiguous(), dy_ta.contiguous(), a_s, a_ta, w2, sw2, *proj_sizes,
                                             False, needs2, h_s, h_ta)
         needs1 = [g[0], g[1], g[2], has_b1 and g[3], sw1 is not None and g[4], has_sb1 and g[5]]
-        grads1 = _nested_linear_backward_op(grads2[0], grads2[1], x_s, x_ta, w1, sw1, *fc_sizes, False, needs1,
-                                            None, None)
+        grads1 = _nested_linear_backward_op(x_s if alone else grads2[0], grads2[1], x_s, x_ta, w1, sw1, *fc_sizes,
+                                            False, needs1, None, None)
         dx_s, dx_ta, dw1, db1, dsw1, dsb1 = (gr if need else None for gr, need in zip(grads1, needs1))
         _, _, dw2, db2, dsw2, dsb2 = (gr if need else None for gr, need in zip(grads2, needs2))
         return dx_s, dx_ta, dw1, db1, dsw1, dsb1, dw2, db2, dsw2, dsb2, None, None
@@ -457,3 +461,48 @@ def nested_gelu_mlp(x_s, x_ta, fc, proj):
     y_s, y_ta = _NestedGeluMLP.apply(x_s.reshape(-1, m_s), x_ta.reshape(-1, m_ta), *fc_tensors, *proj_tensors,
                                      fc_sizes, proj_sizes)
     return y_s.reshape(*lead, proj_sizes[0]), y_ta.reshape(*lead, w2.shape[0])
+
+
+def one_stream_fused(weight, tokens, dtype) -> bool:
+    """Whether `gelu_mlp` runs the fused kernels: the nested Dense op's dispatch for `dtype`,
+    the dtype it computes in (the autocast dtype under autocast)."""
+    return dtype in (torch.float32, torch.float16, torch.bfloat16) and use_triton_for(
+        "nested_linear", weight, tokens=tokens, dtype=dtype)
+
+
+def gelu_mlp(x, fc_weight, fc_bias, proj_weight, proj_bias):
+    """One stream's FFN, proj(gelu(fc(x))) with GELU's tanh form: a TA-only block, or a run that
+    trains one model. Where the nested Dense kernels run, fused as `nested_gelu_mlp` fuses both
+    streams (the TA alone: no Student block, plain products); elsewhere F.linear, F.gelu and
+    F.linear, the ops and bits of unfused code.
+
+    Args:
+        x: (..., M); fc_weight (F, M), fc_bias (F,) or None; proj_weight (N, F), proj_bias (N,) or None.
+    Returns:
+        (..., N).
+    """
+    if not isinstance(fc_weight, Tensor) or not isinstance(x, Tensor):
+        raise TypeError(f"x and fc_weight must be tensors, got {type(x).__name__} and {type(fc_weight).__name__}")
+    on = fc_weight.device.type != "meta" and torch.is_autocast_enabled(fc_weight.device.type)
+    compute = torch.get_autocast_dtype(fc_weight.device.type) if on else fc_weight.dtype
+    tokens = x.numel() // max(x.shape[-1], 1) if x.dim() else 0
+    if not one_stream_fused(fc_weight, tokens, compute):
+        return F.linear(_torch_gelu(F.linear(x, fc_weight, fc_bias)), proj_weight, proj_bias)
+    x, w1, b1, w2, b2 = _autocast_operands((x, fc_weight, fc_bias, proj_weight, proj_bias), fc_weight.device)
+    for name, w in (("fc_weight", w1), ("proj_weight", w2)):
+        if not isinstance(w, Tensor) or w.dim() != 2:
+            raise ValueError(f"{name} must be a 2-D tensor, got {getattr(w, 'shape', type(w))}")
+    (f, m), n = w1.shape, w2.shape[0]
+    if w2.shape[1] != f:
+        raise ValueError(f"proj_weight {tuple(w2.shape)} must take fc_weight's {f} outputs as its inputs")
+    _check_tensor("proj_weight", w2, f, w1.dtype, w1.device)
+    for name, b, width in (("fc_bias", b1, f), ("proj_bias", b2, n)):
+        if b is not None:
+            _check_tensor(name, b, width, w1.dtype, w1.device)
+            if b.dim() != 1:
+                raise ValueError(f"{name} must be 1-D ({width},), got shape {tuple(b.shape)}")
+    _check_tensor("x", x, m, w1.dtype, w1.device)
+    lead, x2 = x.shape[:-1], x.reshape(-1, m)
+    _, y = _NestedGeluMLP.apply(x2.new_empty(x2.shape[0], 0), x2, w1, b1, None, None, w2, b2, None, None, (0, 0),
+                                (0, 0))
+    return y.reshape(*lead, n)
