@@ -20,12 +20,12 @@ Bias is added in the epilogue; bias gradients are the row sums of A (the kernel 
 computes dW reads dy^T as A), computed by the programs of the first column block.
 
 GELU rides in the epilogue too (`GELU`, SEPARATE products or a plain one: the TA alone,
-`n_s` = 0 in the launchers), so that an FFN's activation costs no pass of its own: GELU_OUT stores the pre-activation h in C (C2) and
-gelu(h) in E (E2), for the next layer's input and this layer's backward; GELU_GRAD multiplies
-the product by gelu'(h), h read from E (E2), which turns the next layer's input gradient into
-this layer's output gradient. gelu is the tanh form, gelu(h) = h sigmoid(2u) with
-u = sqrt(2/pi) (h + 0.044715 h^3), evaluated on h as stored (rounded to C's dtype), so that
-forward and backward see one h.
+`n_s` = 0 in the launchers), so that an FFN's activation costs no pass of its own: GELU_OUT
+stores the pre-activation h in C (C2) and gelu(h) in E (E2), for the next layer's input and
+this layer's backward; GELU_GRAD multiplies the product by gelu'(h), h read from E (E2),
+which turns the next layer's input gradient into this layer's output gradient. gelu is the
+tanh form, gelu(h) = h sigmoid(2u) with u = sqrt(2/pi) (h + 0.044715 h^3), evaluated on h as
+stored (rounded to C's dtype), so that forward and backward see one h.
 
 Split-K. A weight gradient has few output tiles (a 1024 x 1024 dW is 64 tiles of 128 x 128
 for an H100's 132 SMs) and a long reduction over tokens. When the tiles are fewer than two

@@ -393,8 +393,9 @@ def nested_gelu_mlp_reference(x_s, x_ta, fc, proj):
 
 
 class _NestedGeluMLP(torch.autograd.Function):
-    """y = proj(gelu(fc(x))) for both streams (or the TA alone: Student sizes 0); saves what the unfused graph saves (x, h and
-    gelu(h)) and hands the second layer's backward h, so that it returns dh directly."""
+    """y = proj(gelu(fc(x))) for both streams (or the TA alone: Student sizes 0); saves what the
+    unfused graph saves (x, h and gelu(h)) and hands the second layer's backward h, so that it
+    returns dh directly."""
 
     @staticmethod
     def forward(ctx, x_s, x_ta, w1, b1, sw1, sb1, w2, b2, sw2, sb2, fc_sizes, proj_sizes):
