@@ -246,6 +246,23 @@ def test_default_chunk_size():
         assert 1 <= c <= n_tokens and 2 * c * n_classes * 4 <= max(128 << 20, 2 * n_classes * 4)
 
 
+def test_default_chunk_size_on_a_gpu(monkeypatch):
+    """The GPU rule (no GPU needed: the free memory is given): Liger's T / ceil(V / d) in
+    64-token steps, at least GPU_MIN_CHUNK tokens so that each chunk's dW accumulation is
+    compute-bound, within a quarter of the free memory and the tokens there are."""
+    from matta.ops.fused_linear_matta_loss import GPU_MIN_CHUNK
+
+    cuda, bf16 = torch.device("cuda"), torch.bfloat16
+    free = {"bytes": 40 << 30}
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (free["bytes"], 80 << 30))
+    assert GPU_MIN_CHUNK == 1024
+    assert default_chunk_size(16384, 50257, 1024, bf16, cuda) == 1024  # GPT-2 Medium: the rule gives 328
+    assert default_chunk_size(16384, 32000, 4096, bf16, cuda) == 2048  # 16384 / 8
+    assert default_chunk_size(300, 50257, 1024, bf16, cuda) == 300
+    free["bytes"] = 64 << 20  # a quarter is 16 MiB: 2 x 83 x 50257 x 2 bytes fit, 84 do not
+    assert default_chunk_size(16384, 50257, 1024, bf16, cuda) == 83
+
+
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's numpy warns on NaN
 def test_nan_is_reported_and_never_reaches_a_gradient(backend, device):
     h_s, h_ta, weight = make_inputs((13,), 5, 8, 31, device)

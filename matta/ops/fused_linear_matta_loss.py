@@ -25,19 +25,26 @@ TeacherSource = Union[Callable[[int, int], Tensor], tuple]
 _GEMM_WITH_OUT_DTYPE = hasattr(torch.ops.aten.addmm, "dtype_out")
 
 
+GPU_MIN_CHUNK = 1024  # tokens: the dW accumulation of a chunk stays compute-bound (default_chunk_size)
+
+
 def default_chunk_size(n_tokens, n_classes, width, dtype, device) -> int:
     """Tokens per chunk when `chunk_size=None`.
 
     GPU: the chunk's logits (2 heads x chunk x V) are kept near the size of the hidden
-    states (chunk ~ T * d / V, Liger-Kernel's rule of thumb), at least 64 tokens so the
-    GEMMs stay efficient, and within a quarter of the free GPU memory.
+    states (chunk ~ T * d / V, Liger-Kernel's rule of thumb), but at least `GPU_MIN_CHUNK`
+    tokens, and within a quarter of the free GPU memory. The floor is for dW: each chunk adds
+    4 chunk V d FLOPs (both heads) into the fp32 accumulator and reads and writes its 8 V d
+    bytes, so at d = 1024 a chunk below ~700 tokens leaves an H100's GEMM waiting on memory
+    (its ridge is ~260 FLOP per byte at the cost model's efficiencies; `matta cost`). GPT-2
+    Medium MatTA's rule of thumb would give 384.
     CPU: 192 tokens, within a 128 MiB logits budget: the smallest chunk whose GEMMs kept up
     with the naive loss's (BENCHMARKS.md, "Choices in the code").
     """
     itemsize = torch.empty((), dtype=dtype).element_size()
     if device.type == "cuda":
         chunk = -(-n_tokens // max(1, -(-n_classes // width)))
-        chunk = max(64, -(-chunk // 64) * 64)
+        chunk = max(GPU_MIN_CHUNK, -(-chunk // 64) * 64)
         free, _ = torch.cuda.mem_get_info(device)
         budget = free // 4
     else:
