@@ -4,7 +4,8 @@
 costs nothing on a device (views, allocations, metadata). Bytes are the compulsory traffic:
 every tensor an op reads, once, and every tensor it writes, once (a view counts its own
 elements; a broadcast dimension counts once). FLOPs count multiply-adds as two, and one per
-element of the largest tensor for element-wise ops and reductions.
+element of the largest tensor for element-wise ops and reductions, in units of one `exp` (the
+card's `vector_flops` rate), except GELU's tanh form, `GELU_EXP_EQUIVALENTS` per element.
 
 Op kinds (what the overhead split of `matta cost` groups by):
     gemm       matrix products (aten mm/addmm/bmm/..., matta::nested_linear[_backward], the
@@ -77,6 +78,12 @@ _GPU_LAUNCHES = {
 }
 
 
+# GELU's tanh form costs about six `exp`s per element, forward or backward: on this CPU (one
+# thread, 2048 x 1024 fp32) exp ran at 3.55 G elements/s, F.gelu(approximate="tanh") at 0.60
+# and its backward at 0.57 (torch.utils.benchmark, 2026-12-02). A GPU streams both at memory speed.
+GELU_EXP_EQUIVALENTS = 6.0
+
+
 @dataclass
 class OpCost:
     """What one op costs, before a card prices it."""
@@ -92,6 +99,9 @@ class OpCost:
     min_dim: int = 0  # a GEMM's smallest dimension (0: not a GEMM), for the card's gemm_curve
     wire: float = 0.0  # a collective's bytes sent by each rank over its link
     net_steps: int = 0  # a collective's ring steps (each pays the card's network latency)
+    # Element-wise work a GEMM op runs as passes of their own after its products (a CPU's
+    # GELU inside the nested ops), in exp-equivalents at the card's vector rate.
+    element_flops: float = 0.0
 
     @property
     def bytes(self) -> float:
@@ -224,10 +234,13 @@ def _nested_linear_cost(name, args, card_kind, sm_count):
             read += tensor_bytes(x_s)
         written = t * (n_ta + n_s) * x_ta.element_size() * (2 if gelu else 1)
         launches = 1 if card_kind == "gpu" else 2 + (2 if gelu else 0)
+        element_flops = 0.0
         if gelu and card_kind != "gpu":
             read += t * (n_ta + n_s) * x_ta.element_size()
+            element_flops = GELU_EXP_EQUIVALENTS * t * (n_ta + n_s)
         return OpCost(name, GEMM, flops, read, float(written), launches, _MATMUL_KEYS.get(weight.dtype, "fp32"),
-                      f"T={t} W={n_ta}x{m_ta} S={n_s}x{m_s}{' +GELU' if gelu else ''}", min(t, n_ta, m_ta))
+                      f"T={t} W={n_ta}x{m_ta} S={n_s}x{m_s}{' +GELU' if gelu else ''}", min(t, n_ta, m_ta),
+                      element_flops=element_flops)
     grad_s, grad_ta, x_s, x_ta, weight, s_weight, n_s, m_s, one_input, needs, gelu_s, gelu_ta = args
     gelu = gelu_ta is not None
     need_x_s, need_x_ta, need_w, need_b, need_ws, need_bs = needs
@@ -235,7 +248,7 @@ def _nested_linear_cost(name, args, card_kind, sm_count):
     size = grad_ta.element_size()
     shared = s_weight is None
     big, small = 2.0 * t * n_ta * m_ta, 2.0 * t * n_s * m_s
-    flops = launches = read = written = 0.0
+    flops = launches = read = written = element_flops = 0.0
     if need_x_ta or need_x_s:  # one launch for both input gradients
         flops += (big if need_x_ta else 0.0) + (small if need_x_s or one_input else 0.0)
         read += t * (n_ta + n_s) * size + n_ta * m_ta * size + (0 if shared else n_s * m_s * size)
@@ -245,6 +258,7 @@ def _nested_linear_cost(name, args, card_kind, sm_count):
             read += t * (m_ta + m_s) * size * (1 if card_kind == "gpu" else 2)
             written += 0 if card_kind == "gpu" else t * (m_ta + m_s) * size
             launches += 0 if card_kind == "gpu" else 2
+            element_flops += 0.0 if card_kind == "gpu" else GELU_EXP_EQUIVALENTS * t * (m_ta + m_s)
     if need_w or need_ws:  # one launch for both weight gradients (and the bias sums)
         flops += (big if need_w else 0.0) + (small if shared or need_ws else 0.0)
         read += t * (n_ta + n_s + m_ta + (0 if one_input else m_s)) * size
@@ -268,7 +282,8 @@ def _nested_linear_cost(name, args, card_kind, sm_count):
     if need_bs and size != 4:
         launches += 1
     return OpCost(name, GEMM, flops, read, written, int(launches), _MATMUL_KEYS.get(weight.dtype, "fp32"),
-                  f"T={t} W={n_ta}x{m_ta} S={n_s}x{m_s}{' +GELU' if gelu else ''}", min(t, n_ta, m_ta))
+                  f"T={t} W={n_ta}x{m_ta} S={n_s}x{m_s}{' +GELU' if gelu else ''}", min(t, n_ta, m_ta),
+                  element_flops=element_flops)
 
 
 def _layer_norm_cost(name, args, card_kind, sm_count):
@@ -338,6 +353,8 @@ def op_cost(func, args, kwargs, out, card_kind: str, sm_count: int = 132) -> OpC
         return OpCost(name, GEMM, 9.0 * a.numel() * a.shape[-1], read, written, launches,
                       _MATMUL_KEYS.get(a.dtype, "fp32"), str(tuple(a.shape)), a.shape[-1])
     shape = str(tuple(_tensors(args)[0].shape)) if _tensors(args) else ""
+    if name in ("aten::gelu", "aten::gelu_backward") and _value(bound, "approximate") == "tanh":
+        elements *= GELU_EXP_EQUIVALENTS
     return OpCost(name, MEMORY, float(elements), read, written, launches, shape=shape)
 
 

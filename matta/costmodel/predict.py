@@ -50,7 +50,9 @@ def price(cost: OpCost, card: DeviceCard) -> OpTime:
     else:
         compute = cost.flops / (card.e_c * card.vector_flops) if card.vector_flops else 0.0
     memory = cost.bytes / (card.e_m * card.bandwidth)
-    return OpTime(max(compute, memory) + launch, compute, memory, launch)
+    # Element-wise passes a GEMM op runs after its products (formulas.OpCost.element_flops).
+    passes = cost.element_flops / (card.e_c * card.vector_flops) if cost.element_flops and card.vector_flops else 0.0
+    return OpTime(max(compute, memory) + passes + launch, compute + passes, memory, launch)
 
 
 def ring_all_reduce(nbytes: float, world: int, card: DeviceCard) -> float:
