@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from matta import cli
 from matta.costmodel import (CARDS, DeviceCard, StepTracer, card_for_cuda_device, fake_device_tracing, load_card,
                              new_fake_mode, trace_training_step)
-from matta.costmodel.formulas import COLLECTIVE, GEMM, OpCost
+from matta.costmodel.formulas import COLLECTIVE, GELU_EXP_EQUIVALENTS, GEMM, OpCost, op_cost
 from matta.costmodel.predict import ddp_buckets, predict, price, ring_all_reduce
 from matta.ops.nested_linear import _torch_backward, _torch_forward, nested_linear
 from matta.train import build_model, make_config
@@ -107,6 +107,25 @@ def test_price_is_the_roofline_plus_launches():
     assert price(compute_bound, card).total == pytest.approx(1000 / 50 + 2 * 0.5)
     memory_bound = OpCost("m", "memory", flops=1.0, read=300.0, written=200.0, launches=1)
     assert price(memory_bound, card).total == pytest.approx(500 / 25 + 0.5)
+
+
+def test_tanh_gelu_is_priced_in_exp_equivalents():
+    """GELU's tanh form: GELU_EXP_EQUIVALENTS per element at the card's vector rate, as an op of
+    its own or (on a CPU) after the products of the nested FFN op, whose GPU kernel has none."""
+    x = torch.randn(6, 5)
+    gelu = op_cost(torch.ops.aten.gelu.default, (x,), {"approximate": "tanh"}, x, "cpu")
+    exact = op_cost(torch.ops.aten.gelu.default, (x,), {}, x, "cpu")
+    assert gelu.flops == GELU_EXP_EQUIVALENTS * x.numel() and exact.flops == x.numel()
+    card = DeviceCard(name="cpu", kind="cpu", peak_flops={"fp32": 1e9}, vector_flops=1e8, bandwidth=1e12)
+    t, d, f = 64, 8, 16
+    x_s, x_ta, w = torch.randn(t, d), torch.randn(t, d), torch.randn(f, d)
+    args = (x_s, x_ta, w, None, None, None, f, d)
+    costs = {kind: op_cost(torch.ops.matta.nested_linear_gelu.default, args, {}, None, kind) for kind in ("cpu", "gpu")}
+    assert costs["gpu"].element_flops == 0
+    assert costs["cpu"].element_flops == GELU_EXP_EQUIVALENTS * t * 2 * f
+    gemm_only = dataclasses.replace(costs["cpu"], element_flops=0.0)
+    assert price(costs["cpu"], card).total - price(gemm_only, card).total == pytest.approx(
+        GELU_EXP_EQUIVALENTS * t * 2 * f / 1e8)
 
 
 def test_a_gemm_curve_slows_thin_products():
