@@ -502,11 +502,10 @@ def nested_linear_forward(x_s, x_ta, weight, bias, student_weight, student_bias,
     w_t = weight.t()
     launch = dict(options=options, token_axis=0)
     if gelu:
-        launch.update(gelu=GELU_OUT, gelu_out=a_ta, gelu_out2=a_s)
+        launch.update(gelu=GELU_OUT, gelu_out=a_ta, gelu_out2=None if n_s == 0 else a_s)
     if n_s == 0:
         if one_input or student_weight is not None:
             raise ValueError("the TA alone (n_s = 0) takes two inputs and a shared weight")
-        launch.pop("gelu_out2", None)
         nested_matmul(x_ta, w_t, y_ta, bias=bias, **launch)
     elif student_weight is not None:
         b2 = student_weight.t()

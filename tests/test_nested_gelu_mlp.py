@@ -80,6 +80,18 @@ def test_half_precision(backend, device, dtype):
     assert_matches_oracle(*problem, dtype, kernel=backend == "triton")
 
 
+def moved_gelu_launches(kind, tiles, dtype):
+    """{tiles: launches} of the two GELU launches that cannot run the pinned tiles and run
+    their kind's first config instead (kernel.tile_configs)."""
+    precision, size = ("tf32", 4) if kind == "tf32" else ("ieee", dtype.itemsize)
+    moved = {}
+    for gelu in (kernel.GELU_OUT, kernel.GELU_GRAD):
+        configs = [c[:3] for c in kernel.tile_configs(size, precision, gelu)]
+        if tuple(tiles) not in configs:
+            moved[configs[0]] = moved.get(configs[0], 0) + 1
+    return moved
+
+
 @pytest.mark.parametrize("kind, tiles", [pytest.param(*c, id=f"{c[0]}-{'x'.join(map(str, c[1]))}") for c in CONFIGS])
 @pytest.mark.parametrize("shared", [True, False])
 def test_gpu_tiles(pinned, device, kind, tiles, shared):  # noqa: F811 (the fixture)
@@ -91,13 +103,7 @@ def test_gpu_tiles(pinned, device, kind, tiles, shared):  # noqa: F811 (the fixt
     problem = make_mlp(t, block_n + 11, d_ta, max(block_m, block_n) + 5, f_ta, shared=shared, device=device,
                        dtype=dtype)
     name = f"{KERNEL}.{'x'.join(map(str, tiles))}"
-    # A GELU launch that cannot run the pinned tiles runs its first config (kernel.tile_configs).
-    precision, size = ("tf32", 4) if kind == "tf32" else ("ieee", dtype.itemsize)
-    moved = {}
-    for gelu in (kernel.GELU_OUT, kernel.GELU_GRAD):
-        configs = [c[:3] for c in kernel.tile_configs(size, precision, gelu)]
-        if tuple(tiles) not in configs:
-            moved[configs[0]] = moved.get(configs[0], 0) + 1
+    moved = moved_gelu_launches(kind, tiles, dtype)
     before = LAUNCH_COUNTS[name], {t: LAUNCH_COUNTS[f"{KERNEL}.{'x'.join(map(str, t))}"] for t in moved}
     assert_matches_oracle(*problem, dtype, kernel=True)
     assert LAUNCH_COUNTS[name] - before[0] == 6 - sum(moved.values())
@@ -234,9 +240,7 @@ def test_one_stream_gpu_tiles(pinned, device, kind, tiles):  # noqa: F811 (the f
     block_m, block_n, _ = tiles
     inputs = make_one_stream(2 * block_m + 13, 2 * block_n + 7, 2 * max(block_m, block_n) + 19, dtype=dtype,
                              device=device)
-    precision, size = ("tf32", 4) if kind == "tf32" else ("ieee", dtype.itemsize)
-    moved = sum(tuple(tiles) not in [c[:3] for c in kernel.tile_configs(size, precision, gelu)]
-                for gelu in (kernel.GELU_OUT, kernel.GELU_GRAD))
+    moved = sum(moved_gelu_launches(kind, tiles, dtype).values())
     name = f"{KERNEL}.{'x'.join(map(str, tiles))}"
     before = LAUNCH_COUNTS[name]
     assert_one_stream_matches_oracle(inputs, dtype, kernel=True)

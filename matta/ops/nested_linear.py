@@ -120,10 +120,12 @@ def _torch_backward(grad_s, grad_ta, x_s, x_ta, weight, student_weight, n_s, m_s
 # The custom op. Tensors are 2-D; in the one-input form x_s is x_ta itself and ignored.
 
 
-def _use_kernels(weight, tokens):
-    # float64 (gradcheck, oracles) always takes the PyTorch path: tensor cores have no use for it.
-    return weight.dtype in (torch.float32, torch.float16, torch.bfloat16) and use_triton_for(
-        "nested_linear", weight, tokens=tokens)
+def _use_kernels(weight, tokens, dtype=None):
+    """The kernels for `weight` computing in `dtype` (default: its own). float64 (gradcheck,
+    oracles) always takes the PyTorch path: tensor cores have no use for it."""
+    dtype = weight.dtype if dtype is None else dtype
+    return dtype in (torch.float32, torch.float16, torch.bfloat16) and use_triton_for(
+        "nested_linear", weight, tokens=tokens, dtype=dtype)
 
 
 def _launch_options(kernel, weight):
@@ -311,12 +313,19 @@ def check_student_features(student_features, weight_shape):
     return n_s, m_s
 
 
+def _autocast_dtype(device):
+    """The autocast dtype where autocast is on for `device`, else None."""
+    if device.type == "meta" or not torch.is_autocast_enabled(device.type):
+        return None
+    return torch.get_autocast_dtype(device.type)
+
+
 def _autocast_operands(tensors, device):
     """Like F.linear under autocast: every operand in the autocast dtype (gradients flow back
     through the casts to the fp32 parameters)."""
-    if device.type == "meta" or not torch.is_autocast_enabled(device.type):
+    cast = _autocast_dtype(device)
+    if cast is None:
         return tensors
-    cast = torch.get_autocast_dtype(device.type)
     return tuple(t.to(cast) if isinstance(t, Tensor) and t.is_floating_point() else t for t in tensors)
 
 
@@ -467,8 +476,7 @@ def nested_gelu_mlp(x_s, x_ta, fc, proj):
 def one_stream_fused(weight, tokens, dtype) -> bool:
     """Whether `gelu_mlp` runs the fused kernels: the nested Dense op's dispatch for `dtype`,
     the dtype it computes in (the autocast dtype under autocast)."""
-    return dtype in (torch.float32, torch.float16, torch.bfloat16) and use_triton_for(
-        "nested_linear", weight, tokens=tokens, dtype=dtype)
+    return _use_kernels(weight, tokens, dtype)
 
 
 def gelu_mlp(x, fc_weight, fc_bias, proj_weight, proj_bias):
@@ -484,8 +492,7 @@ def gelu_mlp(x, fc_weight, fc_bias, proj_weight, proj_bias):
     """
     if not isinstance(fc_weight, Tensor) or not isinstance(x, Tensor):
         raise TypeError(f"x and fc_weight must be tensors, got {type(x).__name__} and {type(fc_weight).__name__}")
-    on = fc_weight.device.type != "meta" and torch.is_autocast_enabled(fc_weight.device.type)
-    compute = torch.get_autocast_dtype(fc_weight.device.type) if on else fc_weight.dtype
+    compute = _autocast_dtype(fc_weight.device) or fc_weight.dtype
     tokens = x.numel() // max(x.shape[-1], 1) if x.dim() else 0
     if not one_stream_fused(fc_weight, tokens, compute):
         return F.linear(_torch_gelu(F.linear(x, fc_weight, fc_bias)), proj_weight, proj_bias)
