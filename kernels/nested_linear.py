@@ -19,6 +19,10 @@ once; over [R2, R) only the main one. How the Student product enters is `SUB_MOD
 Bias is added in the epilogue; bias gradients are the row sums of A (the kernel that
 computes dW reads dy^T as A), computed by the programs of the first column block.
 
+Gradients of fp32 parameters trained in 16 bits (autocast) are written in fp32 from the
+kernel (`ROUND_TO`): each output is rounded to the 16-bit dtype first, so it holds the bits
+of a 16-bit gradient cast up, without that 16-bit tensor or the pass that casts it.
+
 GELU rides in the epilogue too (`GELU`, SEPARATE products or a plain one: the TA alone,
 `n_s` = 0 in the launchers), so that an FFN's activation costs no pass of its own: GELU_OUT
 stores the pre-activation h in C (C2) and gelu(h) in E (E2), for the next layer's input and
@@ -46,6 +50,7 @@ from ._compile_specs import CompileSpec, record_launch, register_compile_spec
 from ._launches import count_launch
 
 NONE, SEPARATE, ADD, PREFIX = 0, 1, 2, 3
+_TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 NO_GELU, GELU_OUT, GELU_GRAD = 0, 1, 2
 GELU_LAUNCH_NAMES = {GELU_OUT: "nested_linear.matmul.gelu_out", GELU_GRAD: "nested_linear.matmul.gelu_grad"}
 
@@ -166,6 +171,14 @@ def _row_sums(a_ptr, stride_ap, stride_ar, rows, n_rows, lo, hi, BLOCK_K: tl.con
 
 
 @triton.jit
+def _rounded(x, ROUND_TO: tl.constexpr):
+    """x (fp32) rounded to ROUND_TO and back, or x itself where ROUND_TO is None."""
+    if ROUND_TO is not None:
+        x = x.to(ROUND_TO).to(tl.float32)
+    return x
+
+
+@triton.jit
 def _gelu_tanh(h):
     # 0.5 h (1 + tanh(u)) = h sigmoid(2u): no cancellation near h = 0. (sqrt(2/pi) = 0.79788...)
     u = 0.7978845608028654 * (h + 0.044715 * h * h * h)
@@ -211,6 +224,7 @@ def _nested_matmul_kernel(
     SUB_MODE: tl.constexpr, FOLD: tl.constexpr, SHARE_B: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_BIAS2: tl.constexpr, ROW_SUMS: tl.constexpr, ROW_SUMS2: tl.constexpr,
     GELU: tl.constexpr, PRECISION: tl.constexpr, INTERPRETING: tl.constexpr, INT64: tl.constexpr,
+    ROUND_TO: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     # key_p, key_q, key_r only key the autotuner (the sizes with the token count bucketed).
@@ -294,12 +308,13 @@ def _nested_matmul_kernel(
         bias = tl.load(bias_ptr + cols, mask=cols < Q, other=0.0).to(tl.float32)
         acc += tl.where(split == 0, bias, 0.0)[None, :]
     if GELU == 0:
-        _store_tile(c_ptr + first_row * stride_cp, acc, rows, cols, stride_cp, stride_cq, P, Q)
+        _store_tile(c_ptr + first_row * stride_cp, _rounded(acc, ROUND_TO), rows, cols, stride_cp, stride_cq, P, Q)
         if (SUB_MODE == 1) | (SUB_MODE == 3):
             if in_sub:
                 if HAS_BIAS2:
                     acc2 += tl.load(bias2_ptr + cols, mask=cols < Q2, other=0.0).to(tl.float32)[None, :]
-                _store_tile(c2_ptr + first_row2 * stride_c2p, acc2, rows, cols, stride_c2p, stride_c2q, P2, Q2)
+                _store_tile(c2_ptr + first_row2 * stride_c2p, _rounded(acc2, ROUND_TO), rows, cols, stride_c2p,
+                            stride_c2q, P2, Q2)
     else:
         # SEPARATE, or NONE (one stream alone), without split-K. The Student's product is
         # rounded to its output dtype before the TA tile's epilogue: two fp32 accumulators
@@ -319,10 +334,12 @@ def _nested_matmul_kernel(
                 sums2 = _row_sums(a2_ptr, stride_a2p, stride_a2r, rows, P2, k_lo, tl.minimum(k_hi, R2),
                                   BLOCK_K, BLOCK_M, INT64)
                 if SUB_MODE == 1:
-                    tl.store(sums2_ptr + first_row2 + rows, sums2.to(sums2_ptr.dtype.element_ty), mask=rows < P2)
+                    tl.store(sums2_ptr + first_row2 + rows, _rounded(sums2, ROUND_TO).to(sums2_ptr.dtype.element_ty),
+                             mask=rows < P2)
                 else:
                     sums += tl.where(rows < P2, sums2, 0.0)
-            tl.store(sums_ptr + first_row + rows, sums.to(sums_ptr.dtype.element_ty), mask=rows < P)
+            tl.store(sums_ptr + first_row + rows, _rounded(sums, ROUND_TO).to(sums_ptr.dtype.element_ty),
+                     mask=rows < P)
 
 
 _nested_matmul_tuned = triton.autotune(
@@ -333,25 +350,26 @@ _nested_matmul_tuned = triton.autotune(
 
 
 @triton.jit
-def _split_k_reduce_kernel(parts_ptr, out_ptr, n, SPLITS, BLOCK: tl.constexpr):
-    """out[i] = parts[0, i] + parts[1, i] + ... in that order (parts: (SPLITS, n) fp32)."""
+def _split_k_reduce_kernel(parts_ptr, out_ptr, n, SPLITS, ROUND_TO: tl.constexpr, BLOCK: tl.constexpr):
+    """out[i] = parts[0, i] + parts[1, i] + ... in that order (parts: (SPLITS, n) fp32),
+    rounded to ROUND_TO first unless it is None."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     total = tl.zeros((BLOCK,), dtype=tl.float32)
     for s in range(0, SPLITS):
         total += tl.load(parts_ptr + s * n + offs, mask=mask, other=0.0)
-    tl.store(out_ptr + offs, total.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + offs, _rounded(total, ROUND_TO).to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def _split_k_reduce(parts, out, splits, options):
+def _split_k_reduce(parts, out, splits, round_to, options):
     """Sum `splits` equal slices of the flat fp32 `parts` into the contiguous `out`."""
     n = out.numel()
+    constexprs = {"ROUND_TO": round_to, "BLOCK": REDUCE_BLOCK}
     if options.record is not None:
-        options.record.append(record_launch(_split_k_reduce_kernel, (parts, out, n, splits), {"BLOCK": REDUCE_BLOCK},
-                                            num_warps=4))
+        options.record.append(record_launch(_split_k_reduce_kernel, (parts, out, n, splits), constexprs, num_warps=4))
         return
     count_launch("nested_linear.split_k_reduce")
-    _split_k_reduce_kernel[(triton.cdiv(n, REDUCE_BLOCK),)](parts, out, n, splits, BLOCK=REDUCE_BLOCK, num_warps=4)
+    _split_k_reduce_kernel[(triton.cdiv(n, REDUCE_BLOCK),)](parts, out, n, splits, **constexprs, num_warps=4)
 
 
 def choose_split_k(p, q, r, sm_count):
@@ -393,7 +411,7 @@ def _pinned_launch_options(options, element_size, gelu, int64):
 
 def nested_matmul(a, b, out, *, options, bias=None, sub_mode=NONE, sub_shape=(0, 0, 0), a2=None, b2=None,
                   out2=None, bias2=None, fold=False, row_sums=None, row_sums2=None, token_axis=0, split_k=1,
-                  gelu=NO_GELU, gelu_out=None, gelu_out2=None):
+                  gelu=NO_GELU, gelu_out=None, gelu_out2=None, round_to=None):
     """out = a @ b (+ bias) plus the Student product selected by `sub_mode` (module docstring).
 
     a (P, R), b (R, Q), out (P, Q); a2 (P2, R2), b2 (R2, Q2) (None: b itself), out2 (P2, Q2);
@@ -403,8 +421,11 @@ def nested_matmul(a, b, out, *, options, bias=None, sub_mode=NONE, sub_shape=(0,
     reduction; the outputs must then be contiguous. `gelu` (SEPARATE or NONE, no split-K):
     with GELU_OUT, gelu_out (gelu_out2) receives gelu(out) (gelu(out2)); with GELU_GRAD they
     hold h, and out (out2) is multiplied by gelu'(h). They have the strides of out (out2).
-    Any strides; every tensor on one device.
+    `round_to` (a 16-bit torch dtype; no GELU): out, out2 and the row sums are rounded to it
+    before they are stored in their own (wider) dtypes. Any strides; every tensor on one device.
     """
+    if round_to is not None and (round_to not in _TL_DTYPES or gelu != NO_GELU):
+        raise ValueError(f"round_to must be a 16-bit dtype of a launch without GELU, got {round_to}")
     if gelu != NO_GELU:
         if sub_mode not in (NONE, SEPARATE) or split_k != 1:
             raise ValueError("the GELU epilogue needs a SEPARATE Student product or none, and no split-K")
@@ -444,6 +465,7 @@ def nested_matmul(a, b, out, *, options, bias=None, sub_mode=NONE, sub_shape=(0,
         HAS_BIAS=bias is not None, HAS_BIAS2=bias2 is not None,
         ROW_SUMS=row_sums is not None, ROW_SUMS2=row_sums is not None and a2 is not None, GELU=gelu,
         PRECISION=options.precision, INTERPRETING=options.interpreting, INT64=int64,
+        ROUND_TO=None if split_k > 1 else _TL_DTYPES.get(round_to),  # split-K: the reduction rounds
     )
 
     def grid(meta):
@@ -474,7 +496,7 @@ def nested_matmul(a, b, out, *, options, bias=None, sub_mode=NONE, sub_shape=(0,
     if split_k > 1:
         for target, part in zip((out, out2, row_sums, row_sums2), parts):
             if target is not None:
-                _split_k_reduce(part, target, split_k, options)
+                _split_k_reduce(part, target, split_k, _TL_DTYPES.get(round_to), options)
 
 
 def _poisoned(shape, like, dtype, options):
@@ -524,10 +546,12 @@ def nested_linear_forward(x_s, x_ta, weight, bias, student_weight, student_bias,
 
 
 def nested_linear_backward(grad_s, grad_ta, x_s, x_ta, weight, student_weight, n_s, m_s, one_input, needs, options,
-                           gelu_inputs=None):
+                           gelu_inputs=None, param_dtype=None):
     """The gradients (dx_s, dx_ta, dw, db, dws, dbs), None where not needed. `gelu_inputs`
     (h_s, h_ta), with both input gradients of a two-input layer: the input gradients come
-    out multiplied by gelu'(h) (the gradients of the pre-activations before this layer)."""
+    out multiplied by gelu'(h) (the gradients of the pre-activations before this layer).
+    `param_dtype` (default: the weight's): the dtype of the parameter gradients; fp32 for a
+    16-bit product gives the 16-bit gradients' bits in fp32 (module docstring)."""
     need_x_s, need_x_ta, need_w, need_b, need_ws, need_bs = needs
     alone = n_s == 0  # the TA alone: plain products (see nested_linear_forward)
     if alone and (one_input or student_weight is not None or need_x_s or need_ws or need_bs):
@@ -544,17 +568,22 @@ def nested_linear_backward(grad_s, grad_ta, x_s, x_ta, weight, student_weight, n
     def empty(*shape, dtype=grad_ta.dtype):
         return _poisoned(shape, grad_ta, dtype, options)
 
+    param_dtype = weight.dtype if param_dtype is None else param_dtype
+    round_to = grad_ta.dtype if param_dtype != grad_ta.dtype else None
+    if round_to is not None and (param_dtype != torch.float32 or round_to not in _TL_DTYPES):
+        raise ValueError(f"parameter gradients in {param_dtype} from a {grad_ta.dtype} product: only fp32 ones "
+                         "of a 16-bit product are supported")
     dx_s = empty(t, m_s) if need_x_s else None
     dx_ta = empty(t, m_ta) if need_x_ta else None
-    dw = empty(n_ta, m_ta) if need_w else None
-    dws = empty(n_s, m_s) if need_ws else None
+    dw = empty(n_ta, m_ta, dtype=param_dtype) if need_w else None
+    dws = empty(n_s, m_s, dtype=param_dtype) if need_ws else None
     if t == 0:
         return (
             dx_s, dx_ta,
             None if dw is None else dw.zero_(),
-            grad_ta.new_zeros(n_ta) if need_b else None,
+            grad_ta.new_zeros(n_ta, dtype=param_dtype) if need_b else None,
             None if dws is None else dws.zero_(),
-            grad_ta.new_zeros(n_s) if need_bs else None,
+            grad_ta.new_zeros(n_s, dtype=param_dtype) if need_bs else None,
         )
 
     # Input gradients: dx_ta = dy_ta W (+ dy_s W_S into its first M_S columns with one input).
@@ -584,7 +613,8 @@ def nested_linear_backward(grad_s, grad_ta, x_s, x_ta, weight, student_weight, n
     db = empty(n_ta, dtype=torch.float32) if need_b else None
     dbs = empty(n_s, dtype=torch.float32) if need_bs else None
     rows, cols = (n_ta, m_ta) if need_w or alone else (n_s, m_s)
-    launch = dict(options=options, token_axis=2, split_k=choose_split_k(rows, cols, t, options.sm_count))
+    launch = dict(options=options, token_axis=2, split_k=choose_split_k(rows, cols, t, options.sm_count),
+                  round_to=round_to)
     if alone:
         if need_w:
             nested_matmul(grad_ta.t(), x_ta, dw, row_sums=db, **launch)
@@ -604,14 +634,16 @@ def nested_linear_backward(grad_s, grad_ta, x_s, x_ta, weight, student_weight, n
             nested_matmul(grad_ta.t(), x_ta, dw, row_sums=db, **launch)
         else:
             nested_matmul(grad_s.t(), x_s, dws, row_sums=dbs, **launch)
+    # The kernel's fp32 bias sums: rounded already where the parameters are fp32 (round_to).
     if need_b and not need_w:
         db = grad_ta.sum(0, dtype=torch.float32)
         if shared and not alone:
             db[:n_s] += grad_s.sum(0, dtype=torch.float32)
+        db = db.to(grad_ta.dtype)
     if need_bs and not need_ws:
-        dbs = grad_s.sum(0, dtype=torch.float32)
-    db = None if db is None else db.to(grad_ta.dtype)
-    dbs = None if dbs is None else dbs.to(grad_ta.dtype)
+        dbs = grad_s.sum(0, dtype=torch.float32).to(grad_ta.dtype)
+    db = None if db is None else db.to(param_dtype)
+    dbs = None if dbs is None else dbs.to(param_dtype)
     return dx_s, dx_ta, dw, db, dws, dbs
 
 
@@ -619,15 +651,16 @@ def enumerate_launches() -> list:
     """Every configuration the launchers above can launch on ordinary shapes (sizes and strides
     multiples of 16, 32-bit offsets), as `Launch`es: the forward and backward of every layer
     kind (shared or unshared Student, one or two inputs, with and without each bias), every set
-    of gradients the op can ask for, with and without split-K, in every operand kind, each with
-    every tile config the autotuner may pick. Nothing runs: the tensors are on the meta device
-    and the launches are only recorded."""
+    of gradients the op can ask for, with and without split-K, in every operand kind (16-bit
+    ones also with fp32 parameter gradients), each with every tile config the autotuner may
+    pick. Nothing runs: the tensors are on the meta device and the launches are only recorded."""
     t, n_s, n_ta, m_s, m_ta = 4096, 128, 256, 64, 192
-    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
     launches = []
-    for dtype_name, _, precision in _KINDS:
-        def meta(*shape, dtype=dtypes[dtype_name]):
+    for dtype_name, element_size, precision in _KINDS:
+        def meta(*shape, dtype=_TORCH_DTYPES[dtype_name]):
             return torch.empty(shape, dtype=dtype, device="meta")
+
+        param_dtypes = (None, torch.float32) if element_size == 2 else (None,)
 
         for sm_count in (1, 10**6):  # split-K never, and wherever the token count allows it
             options = LaunchOptions(precision=precision, sm_count=sm_count, record=launches)
@@ -647,9 +680,11 @@ def enumerate_launches() -> list:
                     if any(need and not can for need, can in zip(needs, possible)):
                         continue
                     gelu_inputs = (None, (x_s, x_ta)) if needs[0] and needs[1] else (None,)
-                    for gelu in gelu_inputs:  # an FFN's second layer: its inputs' pre-activations
+                    for gelu, param_dtype in itertools.product(gelu_inputs, param_dtypes):
+                        # gelu: an FFN's second layer, given its inputs' pre-activations
                         nested_linear_backward(meta(t, n_s), meta(t, n_ta), x_s, x_ta, weight, student_weight, n_s,
-                                               m_s, one_input, needs, options, gelu_inputs=gelu)
+                                               m_s, one_input, needs, options, gelu_inputs=gelu,
+                                               param_dtype=param_dtype)
             for has_bias in (False, True):  # the TA alone (n_s = 0): an FFN of one stream
                 weight, x_ta, empty = meta(n_ta, m_ta), meta(t, m_ta), meta(t, 0)
                 bias = meta(n_ta) if has_bias else None
@@ -657,21 +692,25 @@ def enumerate_launches() -> list:
                     nested_linear_forward(empty, x_ta, weight, bias, None, None, 0, 0, False, options, gelu=gelu)
                 for need_x, need_w in itertools.product((False, True), repeat=2):
                     needs = (False, need_x, need_w, has_bias, False, False)
-                    for gelu in (None, (empty, x_ta)) if need_x else (None,):
+                    for gelu, param_dtype in itertools.product((None, (empty, x_ta)) if need_x else (None,),
+                                                               param_dtypes):
                         nested_linear_backward(empty, meta(t, n_ta), empty, x_ta, weight, None, 0, 0, False, needs,
-                                               options, gelu_inputs=gelu)
+                                               options, gelu_inputs=gelu, param_dtype=param_dtype)
     return launches
 
 
 # Operand kinds: (Triton dtype, element size, precision of tl.dot).
 _KINDS = (("bf16", 2, "ieee"), ("fp16", 2, "ieee"), ("fp32", 4, "tf32"), ("fp32", 4, "ieee"))
+_TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def _register_compile_specs():
     """The launchable variants with every tile set, specialised as the JIT specialises them on
     ordinary shapes: unit strides and a split count of 1 become constants, other sizes and
     strides multiples of 16. Weight gradients are built with and without split-K, 64-bit
-    offsets with the largest tile. Each variant is built with its biases and row sums: the
+    offsets with the largest tile; 16-bit ones also with fp32 outputs (`ROUND_TO`) where
+    split-K is off (its partial sums are fp32 either way, and its reduction rounds). Each
+    variant is built with its biases and row sums: the
     launches without them are the same code less its epilogue (`CompileSpec.epilogue_flags`).
     `enumerate_launches` lists what the launchers launch; compile_check fails on any launch
     no spec covers."""
@@ -724,38 +763,44 @@ def _register_compile_specs():
             # 64-bit offsets: the first tile they launch with, of the default kinds (fp16
             # builds bf16's code; fp32 without TF32 is off the default path).
             int64_kind = dtype != "fp16" and precision == ("tf32" if dtype == "fp32" else "ieee")
-            for split in (False, True) if kind == "grad_weight" else (False,):
+            fp32_grads = (False, True) if kind == "grad_weight" and element_size == 2 else (False,)
+            splits = (False, True) if kind == "grad_weight" else (False,)
+            for split, fp32_out in itertools.product(splits, fp32_grads):
+                if split and fp32_out:
+                    continue
+                round_to = _TL_DTYPES[_TORCH_DTYPES[dtype]] if fp32_out else None
                 for int64 in (False, True) if int64_kind else (False,):
                     configs = tile_configs(element_size, precision, gelu, int64)
                     for config in configs[:1] if int64 else configs:
                         _register_nested_matmul_spec(
-                            name + ("_split_k" if split else ""), dtype, precision, config, flags, unit[kind],
-                            pointers, sizes, strides, split, int64)
-    for dtype in ("bf16", "fp16", "fp32"):
+                            name + ("_split_k" if split else "") + ("_fp32_grads" if fp32_out else ""), dtype,
+                            precision, config, flags, unit[kind], pointers, sizes, strides, split, int64, round_to)
+    reduce_kinds = [(out, None) for out in ("bf16", "fp16", "fp32")] + [("fp32", r) for r in ("bf16", "fp16")]
+    for out, rounded in reduce_kinds:
         register_compile_spec(CompileSpec(
-            name=f"nested_linear.split_k_reduce.{dtype}",
+            name=f"nested_linear.split_k_reduce.{out}" + (f".rounded_{rounded}" if rounded else ""),
             fn=_split_k_reduce_kernel,
-            signature={"parts_ptr": "*fp32", "out_ptr": f"*{dtype}", "n": "i32", "SPLITS": "i32",
-                       "BLOCK": "constexpr"},
-            constexprs={"BLOCK": REDUCE_BLOCK},
+            signature={"parts_ptr": "*fp32", "out_ptr": f"*{out}", "n": "i32", "SPLITS": "i32",
+                       "ROUND_TO": "constexpr", "BLOCK": "constexpr"},
+            constexprs={"ROUND_TO": _TL_DTYPES[_TORCH_DTYPES[rounded]] if rounded else None, "BLOCK": REDUCE_BLOCK},
             options={"num_warps": 4},
             divisible=("parts_ptr", "out_ptr", "n"),
         ))
 
 
 def _register_nested_matmul_spec(name, dtype, precision, config, flags, unit_strides, pointers, sizes, strides,
-                                 split, int64):
+                                 split, int64, round_to):
     m, n, k, warps, stages = config
     signature = {p: f"*{dtype}" for p in pointers}
     signature.update(sums_ptr="*fp32", sums2_ptr="*fp32", key_p="i32", key_q="i32", key_r="i32")
-    if split:  # the partial buffers are fp32
+    if split or round_to is not None:  # fp32 partial buffers, or fp32 parameter gradients
         signature.update(c_ptr="*fp32", c2_ptr="*fp32")
     signature.update({a: "constexpr" if a in unit_strides else "i32" for a in sizes + strides})
     signature["SPLIT_K"] = "i32" if split else "constexpr"
     constexprs = {
         **{a: 1 for a in unit_strides}, "ROW_SUMS": False, "ROW_SUMS2": False, "GELU": NO_GELU, **flags,
         "PRECISION": precision,
-        "INTERPRETING": False, "INT64": int64, "BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": GROUP_M,
+        "INTERPRETING": False, "INT64": int64, "ROUND_TO": round_to, "BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": GROUP_M,
     }
     if not split:
         constexprs["SPLIT_K"] = 1

@@ -180,6 +180,9 @@ def test_gpu_trace_runs_the_gpu_branches():
     # Every FFN, the TA-only layer's too, computes GELU in the nested kernels' epilogues.
     assert {"aten::gelu", "aten::gelu_backward"} <= ops(cpu) and not {"aten::gelu", "aten::gelu_backward"} & ops(gpu)
     assert gpu.amp_dtype == "bf16" and cpu.amp_dtype == "fp32"
+    # The nested kernels write the FFN parameters' fp32 gradients: the backward casts none.
+    casts = {r.cost.shape for r in gpu.records if r.phase == "backward" and r.cost.op == "aten::_to_copy"}
+    assert not {"(128, 32)", "(32, 128)", "(128,)"} & casts, casts
 
 
 def test_shampoo_root_step_is_traced_and_amortised():
@@ -346,7 +349,7 @@ def test_student_stream_of_a_nested_linear_is_exact_without_a_slice(student):
 # after a failed input check), so that a bad target cannot give a finite gradient.
 # Every mode: 6 forward launches and 1 backward check the token ids on the GPU (ids outside
 # the vocabulary get NaN rows and a deferred report instead of a device assert).
-LAUNCH_BUDGET = {"matta": (65, 147), "student": (42, 102), "ta": (57, 115)}
+LAUNCH_BUDGET = {"matta": (65, 117), "student": (42, 90), "ta": (57, 97)}
 
 
 @pytest.mark.parametrize("mode", list(LAUNCH_BUDGET))

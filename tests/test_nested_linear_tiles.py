@@ -8,6 +8,7 @@ threshold lowered so that small token counts split), and must give the same bits
 """
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from matta import nested_linear
 from matta.kernels import LAUNCH_COUNTS
@@ -186,3 +187,123 @@ def test_autotune_key_buckets_the_token_count(monkeypatch):
     keys = [(k["key_p"], k["key_q"], k["key_r"]) for k in launches]
     assert keys[:3] == [(512, 24, 40), (24, 512, 40), (40, 40, 512)]
     assert keys[3:] == keys[:3]
+
+
+# ----------------------------------------------------------------------------------------
+# fp32 parameters trained in 16 bits (autocast): the kernels write their gradients in fp32.
+
+
+class _Casts(TorchDispatchMode):
+    """The shapes of the tensors that aten::_to_copy casts while it is on."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._to_copy.default:
+            self.shapes.append(tuple(args[0].shape))
+        return func(*args, **(kwargs or {}))
+
+
+def _autocast_run(problem, sf, dtype16, grads_out, *, cast_outside):
+    """Outputs and gradients of a nested layer with fp32 parameters and 16-bit inputs: under
+    autocast, or (`cast_outside`) with the parameters cast to 16 bits by autograd-tracked casts
+    before the call, as `nested_linear` did before it cast them itself. Also the shapes cast
+    in the backward."""
+    params = {k: problem[k] for k in ("weight", "bias", "student_weight", "student_bias")}
+    x_s, x_ta = problem["x_s"], problem["x_ta"]
+    if cast_outside:
+        y_s, y_ta = nested_linear(x_s, x_ta, **{k: None if v is None else v.to(dtype16) for k, v in params.items()},
+                                  student_features=sf)
+    else:
+        with torch.autocast("cpu" if x_s.device.type == "cpu" else "cuda", dtype=dtype16):
+            y_s, y_ta = nested_linear(x_s, x_ta, **params, student_features=sf)
+    inputs = [v for v in problem.values() if v is not None]
+    loss = (y_s.float() * grads_out[0]).sum() + (y_ta.float() * grads_out[1]).sum()
+    with _Casts() as casts:
+        grads = torch.autograd.grad(loss, inputs)
+    return [y_s, y_ta, *grads], casts.shapes
+
+
+def _16_bit_inputs(problem, dtype16):
+    """The inputs as an earlier op under autocast hands them on: 16-bit."""
+    for name in ("x_s", "x_ta"):
+        if problem[name] is not None:
+            problem[name] = problem[name].detach().to(dtype16).requires_grad_()
+
+
+@pytest.mark.parametrize("one_input, shared, split", [pytest.param(*m, id=_mode_name(*m)) for m in MODES])
+def test_fp32_parameter_gradients_are_the_16_bit_ones_cast_up(pinned, device, monkeypatch, one_input, shared,
+                                                               split):
+    """Under autocast the kernels write fp32 weight and bias gradients (rounded to 16 bits in
+    the epilogue, or in split-K's reduction): the same bits as the 16-bit gradients that a
+    cast before the layer gives autograd to cast back, without those casts in the backward."""
+    i = MODES.index((one_input, shared, split))
+    tiles = kernel.TILES["16-bit"][i % len(kernel.TILES["16-bit"])][:3]
+    dtype16 = (torch.bfloat16, torch.float16)[i % 2]
+    pinned("16-bit", tiles, dtype16)
+    if split:
+        monkeypatch.setattr(kernel, "MIN_TOKENS_PER_SPLIT", 64)
+    shape = tile_shape(tiles, ("inside", "edge", "full")[i % 3])
+    problem, sf = make_problem(shape, one_input=one_input, shared=shared, bias=True, dtype=torch.float32,
+                               device=device)
+    _16_bit_inputs(problem, dtype16)
+    grads_out = (torch.randn(shape[0], sf[0], device=device), torch.randn(shape[0], shape[4], device=device))
+    before = LAUNCH_COUNTS[REDUCE]
+    got, casts = _autocast_run(problem, sf, dtype16, grads_out, cast_outside=False)
+    assert (LAUNCH_COUNTS[REDUCE] > before) == split
+    want, casts_before = _autocast_run(problem, sf, dtype16, grads_out, cast_outside=True)
+    names = ["y_s", "y_ta"] + [k for k, v in problem.items() if v is not None]
+    for name, g, w in zip(names, got, want):
+        assert g.dtype == w.dtype and torch.equal(g, w), f"{name} differs from the 16-bit gradient cast up"
+    param_shapes = {tuple(problem[k].shape) for k in ("weight", "bias", "student_weight", "student_bias")
+                    if problem[k] is not None}
+    assert param_shapes <= set(casts_before)  # the old path did cast them back
+    assert not param_shapes & set(casts), f"the backward still casts parameter gradients: {casts}"
+
+
+def test_fp32_parameter_gradients_of_the_pytorch_path(monkeypatch, device):
+    """The same bits where the PyTorch path runs (it casts inside the op)."""
+    monkeypatch.setenv("MATTA_BACKEND", "torch")
+    problem, sf = make_problem((37, 19, 45, 23, 71), one_input=False, shared=True, bias=True, dtype=torch.float32,
+                               device=device)
+    _16_bit_inputs(problem, torch.bfloat16)
+    grads_out = (torch.randn(37, 23, device=device), torch.randn(37, 71, device=device))
+    got, _ = _autocast_run(problem, sf, torch.bfloat16, grads_out, cast_outside=False)
+    want, _ = _autocast_run(problem, sf, torch.bfloat16, grads_out, cast_outside=True)
+    assert all(g.dtype == w.dtype and torch.equal(g, w) for g, w in zip(got, want))
+
+
+def test_fp32_parameter_gradients_through_the_fused_ffn(monkeypatch, device):
+    """The same bits through the fused FFN of both streams and of one, with its kernels."""
+    from matta.ops import gelu_mlp, nested_gelu_mlp
+
+    monkeypatch.setenv("MATTA_BACKEND", "triton")
+    x_s, x_ta = (torch.randn(37, d, device=device).to(torch.bfloat16).requires_grad_() for d in (19, 45))
+    fc = {"weight": torch.randn(71, 45, device=device, requires_grad=True),
+          "bias": torch.randn(71, device=device, requires_grad=True), "student_features": (23, 19)}
+    proj = {"weight": torch.randn(45, 71, device=device, requires_grad=True), "student_features": (19, 23)}
+    params = [fc["weight"], fc["bias"], proj["weight"]]
+
+    def ffn_grads(cast_outside):
+        def cast(layer):
+            return {k: v.to(torch.bfloat16) if isinstance(v, torch.Tensor) else v for k, v in layer.items()}
+
+        if cast_outside:
+            y_s, y_ta = nested_gelu_mlp(x_s, x_ta, cast(fc), cast(proj))
+            y = gelu_mlp(x_ta, *(p.to(torch.bfloat16) for p in params), None)
+        else:
+            with torch.autocast(device.type, dtype=torch.bfloat16):
+                y_s, y_ta = nested_gelu_mlp(x_s, x_ta, fc, proj)
+                y = gelu_mlp(x_ta, *params, None)
+        loss = y_s.float().square().sum() + y_ta.float().sum() + y.float().square().sum()
+        with _Casts() as casts:
+            grads = torch.autograd.grad(loss, [x_s, x_ta, *params])
+        return grads, casts.shapes
+
+    got, casts = ffn_grads(False)
+    want, _ = ffn_grads(True)
+    for i, (g, w) in enumerate(zip(got, want)):
+        assert g.dtype == w.dtype and torch.equal(g, w), f"gradient {i} differs"
+    assert not {(71, 45), (71,), (45, 71)} & set(casts), casts

@@ -241,11 +241,11 @@ def _nested_linear_cost(name, args, card_kind, sm_count):
         return OpCost(name, GEMM, flops, read, float(written), launches, _MATMUL_KEYS.get(weight.dtype, "fp32"),
                       f"T={t} W={n_ta}x{m_ta} S={n_s}x{m_s}{' +GELU' if gelu else ''}", min(t, n_ta, m_ta),
                       element_flops=element_flops)
-    grad_s, grad_ta, x_s, x_ta, weight, s_weight, n_s, m_s, one_input, needs, gelu_s, gelu_ta = args
+    grad_s, grad_ta, x_s, x_ta, weight, s_weight, n_s, m_s, one_input, needs, gelu_s, gelu_ta, param_dtype = args
     gelu = gelu_ta is not None
     need_x_s, need_x_ta, need_w, need_b, need_ws, need_bs = needs
     t, (n_ta, m_ta) = grad_ta.shape[0], weight.shape
-    size = grad_ta.element_size()
+    size, param_size = grad_ta.element_size(), param_dtype.itemsize
     shared = s_weight is None
     big, small = 2.0 * t * n_ta * m_ta, 2.0 * t * n_s * m_s
     flops = launches = read = written = element_flops = 0.0
@@ -265,8 +265,12 @@ def _nested_linear_cost(name, args, card_kind, sm_count):
         outputs = [(n_ta, m_ta)] if need_w else []
         if need_ws:
             outputs.append((n_s, m_s))
-        written += sum(r * c for r, c in outputs) * size + (n_ta if need_b else 0) * 4 + (n_s if need_bs else 0) * 4
+        written += sum(r * c for r, c in outputs) * (param_size if card_kind == "gpu" else size)
+        written += (n_ta if need_b else 0) * 4 + (n_s if need_bs else 0) * 4
         launches += 1 if card_kind == "gpu" else 1 + len(outputs)
+        if card_kind != "gpu" and param_size != size:  # the PyTorch path casts each weight gradient
+            cast = sum(r * c for r, c in outputs)
+            read, written, launches = read + cast * size, written + cast * param_size, launches + len(outputs)
         if card_kind == "gpu":
             from ..kernels.nested_linear import choose_split_k
 
@@ -277,10 +281,10 @@ def _nested_linear_cost(name, args, card_kind, sm_count):
                 written += partial
                 read += partial
                 launches += len(outputs) + (need_b or need_bs)
-    if need_b and size != 4:  # the fp32 bias sums cast to the gradient dtype
-        launches += 1
-    if need_bs and size != 4:
-        launches += 1
+    # The fp32 bias sums cast to a 16-bit parameter's dtype (a GPU's kernel rounds them for
+    # fp32 parameters in place); the PyTorch path rounds to 16 bits and casts back.
+    casts = (need_b + need_bs) * ((param_size != 4) if card_kind == "gpu" else (size != 4) + (param_size != size))
+    launches += casts
     return OpCost(name, GEMM, flops, read, written, int(launches), _MATMUL_KEYS.get(weight.dtype, "fp32"),
                   f"T={t} W={n_ta}x{m_ta} S={n_s}x{m_s}{' +GELU' if gelu else ''}", min(t, n_ta, m_ta),
                   element_flops=element_flops)

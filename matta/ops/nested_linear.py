@@ -17,7 +17,10 @@ multiplying.
 Layers above call `nested_linear`; it checks arguments, flattens leading dimensions and
 calls the custom op `matta::nested_linear`, which `torch.compile` sees as one node and which
 dispatches to the Triton kernels (kernels/nested_linear.py) or to `_torch_forward` /
-`_torch_backward` here. `nested_linear_reference` is the readable oracle the tests use.
+`_torch_backward` here. Its autograd (`_NestedLinear`) casts the parameters to autocast's
+dtype itself and asks `matta::nested_linear_backward` for gradients in the parameters' own
+dtype: the kernels write an fp32 weight gradient directly (the bits of the 16-bit gradient
+cast up), so no 16-bit gradient is stored and cast back. `nested_linear_reference` is the readable oracle the tests use.
 
 `nested_gelu_mlp` is an FFN of two nested Dense layers with GELU (tanh form) between them:
 the first layer's kernel writes the pre-activation and its GELU from one accumulator, and
@@ -117,7 +120,7 @@ def _torch_backward(grad_s, grad_ta, x_s, x_ta, weight, student_weight, n_s, m_s
 
 
 # ----------------------------------------------------------------------------------------
-# The custom op. Tensors are 2-D; in the one-input form x_s is x_ta itself and ignored.
+# The custom op. Tensors are 2-D; in the one-input form x_s is ignored.
 
 
 def _use_kernels(weight, tokens, dtype=None):
@@ -226,61 +229,77 @@ def _nested_linear_backward_op(
     needs: list[bool],
     gelu_s: Tensor | None,
     gelu_ta: Tensor | None,
+    param_dtype: torch.dtype,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """The gradients (dx_s, dx_ta, dw, db, dws, dbs), empty where not needed. With `gelu_s`,
-    `gelu_ta` (the pre-activations h whose GELU this layer read, two inputs and both input
-    gradients asked for), the input gradients are those of h."""
+    """The gradients (dx_s, dx_ta, dw, db, dws, dbs), empty where not needed; those of the
+    parameters in `param_dtype` (fp32 parameters of a 16-bit product: the 16-bit gradients'
+    bits, which the kernels write in fp32 directly). With `gelu_s`, `gelu_ta` (the
+    pre-activations h whose GELU this layer read, two inputs and both input gradients asked
+    for), the input gradients are those of h."""
     args = (grad_s, grad_ta, x_s, x_ta, weight, student_weight, n_s, m_s, one_input, tuple(needs))
     gelu_inputs = None if gelu_ta is None else (gelu_s, gelu_ta)
     if _use_kernels(weight, grad_ta.shape[0]):
         from ..kernels import nested_linear as kernel
 
-        grads = kernel.nested_linear_backward(*args, _launch_options(kernel, weight), gelu_inputs=gelu_inputs)
+        grads = kernel.nested_linear_backward(*args, _launch_options(kernel, weight), gelu_inputs=gelu_inputs,
+                                              param_dtype=param_dtype)
     else:
         grads = list(_torch_backward(*args))
         if gelu_inputs is not None:
             grads[0], grads[1] = _torch_gelu_grad(grads[0], gelu_s), _torch_gelu_grad(grads[1], gelu_ta)
+        grads[2:] = [None if g is None else g.to(param_dtype) for g in grads[2:]]
     return tuple(_or_empty(g, grad_ta) for g in grads)
 
 
 @_nested_linear_backward_op.register_fake
-def _(grad_s, grad_ta, x_s, x_ta, weight, student_weight, n_s, m_s, one_input, needs, gelu_s, gelu_ta):
+def _(grad_s, grad_ta, x_s, x_ta, weight, student_weight, n_s, m_s, one_input, needs, gelu_s, gelu_ta, param_dtype):
     t, (n_ta, m_ta) = grad_ta.shape[0], weight.shape
     shapes = [(t, m_s), (t, m_ta), (n_ta, m_ta), (n_ta,), (n_s, m_s), (n_s,)]
     if one_input:
         needs = [False] + list(needs[1:])
-    return tuple(grad_ta.new_empty(shape if need else (0,)) for shape, need in zip(shapes, needs))
+    return tuple(grad_ta.new_empty(shape if need else (0,), dtype=grad_ta.dtype if i < 2 else param_dtype)
+                 for i, (shape, need) in enumerate(zip(shapes, needs)))
 
 
-def _setup_context(ctx, inputs, output):
-    x_s, x_ta, weight, bias, student_weight, student_bias, n_s, m_s, one_input = inputs
-    ctx.save_for_backward(x_s, x_ta, weight, student_weight)
-    ctx.sizes = (n_s, m_s, one_input)
-    ctx.has_bias = (bias is not None, student_bias is not None)
+def _in_compute_dtype(params, compute):
+    """The layer's parameters cast to the dtype the products run in (autocast's), inside an
+    autograd.Function: their gradients come back in the parameters' dtype from the backward
+    op itself, with no cast for autograd to run."""
+    return tuple(p.to(compute) if isinstance(p, Tensor) else p for p in params)
 
 
-def _backward(ctx, grad_s, grad_ta):
-    x_s, x_ta, weight, student_weight = ctx.saved_tensors
-    n_s, m_s, one_input = ctx.sizes
-    has_bias, has_student_bias = ctx.has_bias
-    g = ctx.needs_input_grad
-    needs = [
-        g[0] and not one_input,
-        g[1],
-        g[2],
-        has_bias and g[3],
-        student_weight is not None and g[4],
-        has_student_bias and g[5],
-    ]
-    # Autograd materialises an unused output's gradient as zeros, so both are tensors here.
-    grad_s, grad_ta = grad_s.contiguous(), grad_ta.contiguous()
-    grads = _nested_linear_backward_op(grad_s, grad_ta, x_s, x_ta, weight, student_weight, n_s, m_s, one_input, needs,
-                                       None, None)
-    dx_s, dx_ta, dw, db, dws, dbs = (gr if need else None for gr, need in zip(grads, needs))
-    return dx_s, dx_ta, dw, db, dws, dbs, None, None, None
+class _NestedLinear(torch.autograd.Function):
+    """The autograd of `matta::nested_linear`: saves the inputs and the weights it multiplied."""
 
+    @staticmethod
+    def forward(ctx, x_s, x_ta, weight, bias, student_weight, student_bias, n_s, m_s, one_input, compute):
+        w, b, sw, sb = _in_compute_dtype((weight, bias, student_weight, student_bias), compute)
+        ctx.save_for_backward(x_s, x_ta, w, sw)
+        ctx.sizes = (n_s, m_s, one_input)
+        ctx.has_bias = (bias is not None, student_bias is not None)
+        ctx.param_dtype = weight.dtype
+        return _nested_linear_op(x_s, x_ta, w, b, sw, sb, n_s, m_s, one_input)
 
-_nested_linear_op.register_autograd(_backward, setup_context=_setup_context)
+    @staticmethod
+    def backward(ctx, grad_s, grad_ta):
+        x_s, x_ta, weight, student_weight = ctx.saved_tensors
+        n_s, m_s, one_input = ctx.sizes
+        has_bias, has_student_bias = ctx.has_bias
+        g = ctx.needs_input_grad
+        needs = [
+            g[0] and not one_input,
+            g[1],
+            g[2],
+            has_bias and g[3],
+            student_weight is not None and g[4],
+            has_student_bias and g[5],
+        ]
+        # Autograd materialises an unused output's gradient as zeros, so both are tensors here.
+        grad_s, grad_ta = grad_s.contiguous(), grad_ta.contiguous()
+        grads = _nested_linear_backward_op(grad_s, grad_ta, x_s, x_ta, weight, student_weight, n_s, m_s, one_input,
+                                           needs, None, None, ctx.param_dtype)
+        dx_s, dx_ta, dw, db, dws, dbs = (gr if need else None for gr, need in zip(grads, needs))
+        return dx_s, dx_ta, dw, db, dws, dbs, None, None, None, None
 
 
 # ----------------------------------------------------------------------------------------
@@ -320,13 +339,19 @@ def _autocast_dtype(device):
     return torch.get_autocast_dtype(device.type)
 
 
-def _autocast_operands(tensors, device):
-    """Like F.linear under autocast: every operand in the autocast dtype (gradients flow back
-    through the casts to the fp32 parameters)."""
+def _autocast_inputs(tensors, device):
+    """Like F.linear under autocast: the inputs in the autocast dtype (gradients flow back
+    through the casts). The parameters are cast inside the autograd Functions."""
     cast = _autocast_dtype(device)
     if cast is None:
         return tensors
     return tuple(t.to(cast) if isinstance(t, Tensor) and t.is_floating_point() else t for t in tensors)
+
+
+def _compute_dtype(weight):
+    """The dtype the products run in: autocast's where it is on (for floating parameters), else
+    the weight's own."""
+    return (_autocast_dtype(weight.device) if weight.is_floating_point() else None) or weight.dtype
 
 
 def _check_layer(weight, bias, student_features, student_weight, student_bias, name=""):
@@ -369,12 +394,10 @@ def nested_linear(x_s, x_ta, weight, bias=None, *, student_features, student_wei
     Returns:
         (y_s, y_ta) of shapes (..., N_S) and (..., N_TA).
     """
-    if isinstance(weight, Tensor):
-        x_s, x_ta, weight, bias, student_weight, student_bias = _autocast_operands(
-            (x_s, x_ta, weight, bias, student_weight, student_bias), weight.device)
     n_s, m_s = _check_layer(weight, bias, student_features, student_weight, student_bias)
     n_ta, m_ta = weight.shape
-    dtype, device = weight.dtype, weight.device
+    dtype, device = _compute_dtype(weight), weight.device
+    x_s, x_ta = _autocast_inputs((x_s, x_ta), device)
     one_input = x_ta is None
     if one_input:
         _check_tensor("x", x_s, m_ta, dtype, device)
@@ -384,8 +407,10 @@ def nested_linear(x_s, x_ta, weight, bias=None, *, student_features, student_wei
 
     lead = x_s.shape[:-1]
     x_ta2 = x_s.reshape(-1, m_ta) if one_input else x_ta.reshape(-1, m_ta)
-    x_s2 = x_ta2 if one_input else x_s.reshape(-1, m_s)
-    y_s, y_ta = _nested_linear_op(x_s2, x_ta2, weight, bias, student_weight, student_bias, n_s, m_s, one_input)
+    # One input: x_s is a placeholder (the op reads x_ta's first M_S columns).
+    x_s2 = x_ta2.new_empty(x_ta2.shape[0], 0) if one_input else x_s.reshape(-1, m_s)
+    y_s, y_ta = _NestedLinear.apply(x_s2, x_ta2, weight, bias, student_weight, student_bias, n_s, m_s, one_input,
+                                    dtype)
     return y_s.reshape(*lead, n_s), y_ta.reshape(*lead, n_ta)
 
 
@@ -404,15 +429,17 @@ def nested_gelu_mlp_reference(x_s, x_ta, fc, proj):
 class _NestedGeluMLP(torch.autograd.Function):
     """y = proj(gelu(fc(x))) for both streams (or the TA alone: Student sizes 0); saves what the
     unfused graph saves (x, h and gelu(h)) and hands the second layer's backward h, so that it
-    returns dh directly."""
+    returns dh directly. The parameters are cast to `compute` here (see `_NestedLinear`)."""
 
     @staticmethod
-    def forward(ctx, x_s, x_ta, w1, b1, sw1, sb1, w2, b2, sw2, sb2, fc_sizes, proj_sizes):
+    def forward(ctx, x_s, x_ta, w1, b1, sw1, sb1, w2, b2, sw2, sb2, fc_sizes, proj_sizes, compute):
+        ctx.param_dtype = w1.dtype
+        ctx.has_bias = tuple(b is not None for b in (b1, sb1, b2, sb2))
+        w1, b1, sw1, sb1, w2, b2, sw2, sb2 = _in_compute_dtype((w1, b1, sw1, sb1, w2, b2, sw2, sb2), compute)
         h_s, h_ta, a_s, a_ta = _nested_linear_gelu_op(x_s, x_ta, w1, b1, sw1, sb1, *fc_sizes)
         y_s, y_ta = _nested_linear_op(a_s, a_ta, w2, b2, sw2, sb2, *proj_sizes, False)
         ctx.save_for_backward(x_s, x_ta, w1, sw1, h_s, h_ta, a_s, a_ta, w2, sw2)
         ctx.sizes = fc_sizes, proj_sizes
-        ctx.has_bias = tuple(b is not None for b in (b1, sb1, b2, sb2))
         return y_s, y_ta
 
     @staticmethod
@@ -424,13 +451,13 @@ class _NestedGeluMLP(torch.autograd.Function):
         alone = fc_sizes[0] == 0  # the TA alone (`gelu_mlp`): x_s, h_s, a_s and y_s are empty
         needs2 = [not alone, True, g[6], has_b2 and g[7], sw2 is not None and g[8], has_sb2 and g[9]]
         grads2 = _nested_linear_backward_op(dy_s.contiguous(), dy_ta.contiguous(), a_s, a_ta, w2, sw2, *proj_sizes,
-                                            False, needs2, h_s, h_ta)
+                                            False, needs2, h_s, h_ta, ctx.param_dtype)
         needs1 = [g[0], g[1], g[2], has_b1 and g[3], sw1 is not None and g[4], has_sb1 and g[5]]
         grads1 = _nested_linear_backward_op(x_s if alone else grads2[0], grads2[1], x_s, x_ta, w1, sw1, *fc_sizes,
-                                            False, needs1, None, None)
+                                            False, needs1, None, None, ctx.param_dtype)
         dx_s, dx_ta, dw1, db1, dsw1, dsb1 = (gr if need else None for gr, need in zip(grads1, needs1))
         _, _, dw2, db2, dsw2, dsb2 = (gr if need else None for gr, need in zip(grads2, needs2))
-        return dx_s, dx_ta, dw1, db1, dsw1, dsb1, dw2, db2, dsw2, dsb2, None, None
+        return dx_s, dx_ta, dw1, db1, dsw1, dsb1, dw2, db2, dsw2, dsb2, None, None, None
 
 
 def nested_gelu_mlp(x_s, x_ta, fc, proj):
@@ -451,8 +478,6 @@ def nested_gelu_mlp(x_s, x_ta, fc, proj):
             raise ValueError(f"{name[:-1]} must hold weight and student_features (and optionally bias, "
                              f"student_weight, student_bias), got keys {sorted(layer)}")
         tensors = tuple(layer.get(k) for k in ("weight", "bias", "student_weight", "student_bias"))
-        if isinstance(tensors[0], Tensor):
-            tensors = _autocast_operands(tensors, tensors[0].device)
         sizes = _check_layer(tensors[0], tensors[1], layer["student_features"], *tensors[2:], name=name)
         params.append((tensors, sizes))
     (fc_tensors, fc_sizes), (proj_tensors, proj_sizes) = params
@@ -462,14 +487,14 @@ def nested_gelu_mlp(x_s, x_ta, fc, proj):
                          f"sizes (N_S, N_TA) = ({fc_sizes[0]}, {w1.shape[0]})")
     if (w2.dtype, w2.device) != (w1.dtype, w1.device):
         raise ValueError(f"proj's weight is {w2.dtype} on {w2.device} but fc's is {w1.dtype} on {w1.device}")
-    if isinstance(x_s, Tensor) and isinstance(x_ta, Tensor):
-        x_s, x_ta = _autocast_operands((x_s, x_ta), w1.device)
+    compute = _compute_dtype(w1)
+    x_s, x_ta = _autocast_inputs((x_s, x_ta), w1.device)
     m_s, m_ta = fc_sizes[1], w1.shape[1]
-    _check_tensor("x_s", x_s, m_s, w1.dtype, w1.device)
-    _check_tensor("x_ta", x_ta, m_ta, w1.dtype, w1.device, lead_shape=x_s.shape[:-1])
+    _check_tensor("x_s", x_s, m_s, compute, w1.device)
+    _check_tensor("x_ta", x_ta, m_ta, compute, w1.device, lead_shape=x_s.shape[:-1])
     lead = x_s.shape[:-1]
     y_s, y_ta = _NestedGeluMLP.apply(x_s.reshape(-1, m_s), x_ta.reshape(-1, m_ta), *fc_tensors, *proj_tensors,
-                                     fc_sizes, proj_sizes)
+                                     fc_sizes, proj_sizes, compute)
     return y_s.reshape(*lead, proj_sizes[0]), y_ta.reshape(*lead, w2.shape[0])
 
 
@@ -492,11 +517,11 @@ def gelu_mlp(x, fc_weight, fc_bias, proj_weight, proj_bias):
     """
     if not isinstance(fc_weight, Tensor) or not isinstance(x, Tensor):
         raise TypeError(f"x and fc_weight must be tensors, got {type(x).__name__} and {type(fc_weight).__name__}")
-    compute = _autocast_dtype(fc_weight.device) or fc_weight.dtype
+    compute = _compute_dtype(fc_weight)
     tokens = x.numel() // max(x.shape[-1], 1) if x.dim() else 0
     if not one_stream_fused(fc_weight, tokens, compute):
         return F.linear(_torch_gelu(F.linear(x, fc_weight, fc_bias)), proj_weight, proj_bias)
-    x, w1, b1, w2, b2 = _autocast_operands((x, fc_weight, fc_bias, proj_weight, proj_bias), fc_weight.device)
+    (x,), w1, b1, w2, b2 = _autocast_inputs((x,), fc_weight.device), fc_weight, fc_bias, proj_weight, proj_bias
     for name, w in (("fc_weight", w1), ("proj_weight", w2)):
         if not isinstance(w, Tensor) or w.dim() != 2:
             raise ValueError(f"{name} must be a 2-D tensor, got {getattr(w, 'shape', type(w))}")
@@ -509,8 +534,8 @@ def gelu_mlp(x, fc_weight, fc_bias, proj_weight, proj_bias):
             _check_tensor(name, b, width, w1.dtype, w1.device)
             if b.dim() != 1:
                 raise ValueError(f"{name} must be 1-D ({width},), got shape {tuple(b.shape)}")
-    _check_tensor("x", x, m, w1.dtype, w1.device)
+    _check_tensor("x", x, m, compute, w1.device)
     lead, x2 = x.shape[:-1], x.reshape(-1, m)
     _, y = _NestedGeluMLP.apply(x2.new_empty(x2.shape[0], 0), x2, w1, b1, None, None, w2, b2, None, None, (0, 0),
-                                (0, 0))
+                                (0, 0), compute)
     return y.reshape(*lead, n)
