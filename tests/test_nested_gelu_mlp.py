@@ -270,7 +270,7 @@ def test_one_stream_bad_arguments_name_the_problem(monkeypatch, device):
     monkeypatch.setenv("MATTA_BACKEND", "triton")
     pytest.importorskip("triton")
     x, w1, b1, w2, b2 = make_one_stream(9, 33, 40, device=device)
-    with pytest.raises(ValueError, match="proj_weight .* must take fc_weight's 40 outputs"):
+    with pytest.raises(ValueError, match="proj_weight .* must take 40 inputs \\(fc_weight's outputs\\)"):
         gelu_mlp(x, w1, b1, w2[:, :39], b2)
     with pytest.raises(ValueError, match="fc_bias must have last dimension 40"):
         gelu_mlp(x, w1, b1[:39], w2, b2)

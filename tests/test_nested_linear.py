@@ -1,9 +1,10 @@
 """NestedLinear and the nested_linear op against slicing + F.linear and a float64 oracle."""
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from matta import NestedLinear, nested_linear
+from matta import NestedLinear, nested_linear, ops
 from matta.kernels import LAUNCH_COUNTS
 from matta.ops.nested_linear import nested_linear_reference
 
@@ -350,3 +351,94 @@ def test_backward_through_one_output(backend, device, check_launches, used):
     expected = torch.autograd.grad(ref[0 if used == "student" else 1].square().sum(), inputs, allow_unused=True)
     for g, e, t in zip(got, expected, inputs):
         torch.testing.assert_close(g, torch.zeros_like(t) if e is None else e, rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------
+# linear: one stream's Dense layer (the TA alone, the Student alone).
+
+
+def _one_stream(t, m, n, *, bias=True, dtype=torch.float32, device="cpu", lead=(), strided=False):
+    """x (..., T, M), weight (N, M) (with `strided`, a leading block of a larger weight, as
+    the Student's shared block is), bias (N,) or None."""
+    def rand(*size):
+        return torch.randn(*size, device=device).to(dtype).requires_grad_()
+
+    weight = rand(n + 5, m + 3)[:n, :m] if strided else rand(n, m)
+    return rand(*lead, t, m), weight, rand(n) if bias else None
+
+
+def _run_linear(fn, inputs, grad_out):
+    y = fn(*inputs)
+    tensors = [v for v in inputs if v is not None]
+    return [y, *torch.autograd.grad((y.float() * grad_out).sum(), tensors)]
+
+
+def _assert_linear_matches_oracle(inputs, dtype, *, kernel):
+    grad_out = torch.randn(*inputs[0].shape[:-1], inputs[1].shape[0], device=inputs[0].device)
+    before = LAUNCH_COUNTS[KERNEL]
+    got = _run_linear(ops.linear, inputs, grad_out)
+    launched = LAUNCH_COUNTS[KERNEL] - before
+    assert launched == (3 if kernel else 0), launched  # forward, input gradient, weight gradient + bias sums
+
+    def detached(to):
+        return [None if v is None else v.detach().to(to).requires_grad_() for v in inputs]
+
+    torch_same = _run_linear(F.linear, detached(dtype), grad_out)
+    oracle = _run_linear(F.linear, detached(torch.float64), grad_out.double())
+    assert_within_twice_torch_error(got, torch_same, oracle, dtype)
+
+
+@pytest.mark.parametrize("shape", [(37, 45, 71), (9, 97, 33)])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("strided", [False, True])
+def test_one_stream_linear_fp32(backend, device, shape, bias, strided):
+    inputs = _one_stream(*shape, bias=bias, device=device, lead=(2,), strided=strided)
+    _assert_linear_matches_oracle(inputs, torch.float32, kernel=backend == "triton")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_one_stream_linear_half_precision(backend, device, dtype):
+    _assert_linear_matches_oracle(_one_stream(37, 45, 71, dtype=dtype, device=device), dtype,
+                                  kernel=backend == "triton")
+
+
+def test_one_stream_linear_pytorch_path_is_f_linear(monkeypatch, device):
+    monkeypatch.setenv("MATTA_BACKEND", "torch")
+    inputs = _one_stream(37, 45, 71, device=device, lead=(3,), strided=True)
+    grad_out = torch.randn(3, 37, 71, device=device)
+    got = _run_linear(ops.linear, inputs, grad_out)
+    want = _run_linear(F.linear, inputs, grad_out)
+    assert all(torch.equal(g, w) for g, w in zip(got, want))
+
+
+def test_one_stream_linear_under_autocast(backend, device):
+    """Under autocast: 16-bit outputs, and fp32 parameter gradients with the bits of the 16-bit
+    ones cast up (what F.linear under autocast gives)."""
+    x, weight, bias = _one_stream(37, 45, 71, device=device)
+    x = x.detach().to(torch.bfloat16).requires_grad_()
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        y = ops.linear(x, weight, bias)
+    assert y.dtype == torch.bfloat16
+    grads = torch.autograd.grad(y.float().square().sum(), [x, weight, bias])
+    y_ref = F.linear(x, weight.to(torch.bfloat16), bias.to(torch.bfloat16))
+    want = torch.autograd.grad(y_ref.float().square().sum(), [x, weight, bias])
+    if backend == "torch":
+        assert torch.equal(y, y_ref) and all(torch.equal(g, w) for g, w in zip(grads, want))
+    else:  # the kernel's own products, within bf16's rounding of them
+        assert all(g.dtype == w.dtype for g, w in zip(grads, want))
+        for g, w in zip((y, *grads), (y_ref, *want)):
+            assert rel_err(g.float(), w.float()) < 2e-2
+
+
+def test_one_stream_linear_bad_arguments(monkeypatch, device):
+    monkeypatch.setenv("MATTA_BACKEND", "triton")
+    pytest.importorskip("triton")
+    x, weight, bias = _one_stream(9, 33, 40, device=device)
+    with pytest.raises(ValueError, match="bias must have last dimension 40"):
+        ops.linear(x, weight, bias[:39])
+    with pytest.raises(ValueError, match="x must have last dimension 33"):
+        ops.linear(x[..., :32], weight, bias)
+    with pytest.raises(TypeError, match="x has dtype torch.float16"):
+        ops.linear(x.half(), weight, bias)
+    with pytest.raises(TypeError, match="x and weight must be tensors"):
+        ops.linear(x, [[1.0]])

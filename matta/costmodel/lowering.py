@@ -20,10 +20,10 @@ the GPU runs, as one priced op or as the GPU branch itself:
    TF32 on a CUDA device only. Stand-in: its CUDA branch, which the formulas price at the
    card's TF32 peak.
 
-7. The one-stream FFN's dispatch (`one_stream_fused`, read by `gelu_mlp` in TA-only blocks
-   and one-model runs): on CUDA the nested Dense kernels with GELU in their epilogues where
-   the dispatch table's default picks Triton for the compute dtype, on a CPU the unfused
-   ops. Stand-in: that default.
+7. The one-stream layers' dispatch (`one_stream_fused`, read by `linear` and `gelu_mlp` in
+   TA-only blocks and one-model runs): on CUDA the nested Dense kernels (with GELU in their
+   epilogues) where the dispatch table's default picks Triton for the compute dtype, on a
+   CPU the unfused ops. Stand-in: that default.
 
 Each patch names its target and fails loudly when the target is gone (a renamed function
 must be renamed here too, not silently left out of the model).

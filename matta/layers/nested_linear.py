@@ -2,11 +2,10 @@
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .._sizes import as_size_pair
-from ..ops.nested_linear import nested_linear
+from ..ops.nested_linear import linear, nested_linear
 
 
 def _size_pair(name, value):
@@ -111,12 +110,13 @@ class NestedLinear(nn.Module):
         return self.weight[:n_s, :m_s], None if self.bias is None else self.bias[:n_s]
 
     def forward_student(self, x_s):
-        """The Student alone, x_s (..., M_S) -> (..., N_S): for runs that train only the Student."""
-        return F.linear(x_s, *self.student_parameters())
+        """The Student alone, x_s (..., M_S) -> (..., N_S): for runs that train only the Student
+        (`matta.ops.linear`: the nested kernels where they run, else F.linear)."""
+        return linear(x_s, *self.student_parameters())
 
     def forward_ta(self, x_ta):
-        """The TA alone, x_ta (..., M_TA) -> (..., N_TA)."""
-        return F.linear(x_ta, self.weight, self.bias)
+        """The TA alone, x_ta (..., M_TA) -> (..., N_TA) (`matta.ops.linear`)."""
+        return linear(x_ta, self.weight, self.bias)
 
     def student_linear(self) -> nn.Linear:
         """A standalone `nn.Linear(M_S, N_S)` holding a copy of the Student's parameters."""

@@ -30,7 +30,7 @@ and the `gelu_s`, `gelu_ta` inputs of `matta::nested_linear_backward`). On the P
 it runs the same aten ops as two `nested_linear` calls around `F.gelu`, with the same bits.
 `gelu_mlp` is that FFN for one stream: the same ops with a Student of size 0 (`n_s` = `m_s`
 = 0, the TA alone: plain products in the kernels) where the kernels run, else F.linear,
-F.gelu and F.linear.
+F.gelu and F.linear; `linear` is one such layer without GELU.
 """
 import torch
 import torch.nn.functional as F
@@ -414,6 +414,55 @@ def nested_linear(x_s, x_ta, weight, bias=None, *, student_features, student_wei
     return y_s.reshape(*lead, n_s), y_ta.reshape(*lead, n_ta)
 
 
+def _check_one_stream(name, weight, bias, width=None, source="", like=None):
+    """A one-stream layer's weight (N, width), of the dtype and device of `like` if given, and
+    bias (N,) or None, or a clear error."""
+    if not isinstance(weight, Tensor) or weight.dim() != 2:
+        raise ValueError(f"{name}weight must be a 2-D tensor, got {getattr(weight, 'shape', type(weight))}")
+    if width is not None and weight.shape[1] != width:
+        raise ValueError(f"{name}weight {tuple(weight.shape)} must take {width} inputs{source}")
+    if like is not None:
+        _check_tensor(f"{name}weight", weight, weight.shape[1], like.dtype, like.device)
+    if bias is not None:
+        _check_tensor(f"{name}bias", bias, weight.shape[0], weight.dtype, weight.device)
+        if bias.dim() != 1:
+            raise ValueError(f"{name}bias must be 1-D ({weight.shape[0]},), got shape {tuple(bias.shape)}")
+
+
+def _tokens(x):
+    return x.numel() // max(x.shape[-1], 1) if x.dim() else 0
+
+
+def one_stream_fused(weight, tokens, dtype) -> bool:
+    """Whether the one-stream layers (`linear`, `gelu_mlp`) run the nested kernels: the nested
+    Dense op's dispatch for `dtype`, the dtype it computes in (autocast's under autocast)."""
+    return _use_kernels(weight, tokens, dtype)
+
+
+def linear(x, weight, bias=None):
+    """One stream's Dense layer, x W^T + b: the TA alone or the Student alone. Where the nested
+    Dense kernels run, the nested op with a Student of size 0 (a plain product, its bias
+    gradient summed in the weight-gradient kernel, fp32 parameter gradients written directly);
+    elsewhere F.linear, the op and bits of unfused code.
+
+    Args:
+        x: (..., M); weight (N, M), any strides; bias (N,) or None.
+    Returns:
+        (..., N).
+    """
+    if not isinstance(weight, Tensor) or not isinstance(x, Tensor):
+        raise TypeError(f"x and weight must be tensors, got {type(x).__name__} and {type(weight).__name__}")
+    compute = _compute_dtype(weight)
+    if not one_stream_fused(weight, _tokens(x), compute):
+        return F.linear(x, weight, bias)
+    _check_one_stream("", weight, bias, None)
+    (x,) = _autocast_inputs((x,), weight.device)
+    _check_tensor("x", x, weight.shape[1], compute, weight.device)
+    lead, x2 = x.shape[:-1], x.reshape(-1, weight.shape[1])
+    _, y = _NestedLinear.apply(x2.new_empty(x2.shape[0], 0), x2, weight, bias, None, None, 0, 0, False, compute)
+    return y.reshape(*lead, weight.shape[0])
+
+
 # ----------------------------------------------------------------------------------------
 # The FFN: nested Dense, GELU, nested Dense.
 
@@ -498,12 +547,6 @@ def nested_gelu_mlp(x_s, x_ta, fc, proj):
     return y_s.reshape(*lead, proj_sizes[0]), y_ta.reshape(*lead, w2.shape[0])
 
 
-def one_stream_fused(weight, tokens, dtype) -> bool:
-    """Whether `gelu_mlp` runs the fused kernels: the nested Dense op's dispatch for `dtype`,
-    the dtype it computes in (the autocast dtype under autocast)."""
-    return _use_kernels(weight, tokens, dtype)
-
-
 def gelu_mlp(x, fc_weight, fc_bias, proj_weight, proj_bias):
     """One stream's FFN, proj(gelu(fc(x))) with GELU's tanh form: a TA-only block, or a run that
     trains one model. Where the nested Dense kernels run, fused as `nested_gelu_mlp` fuses both
@@ -518,22 +561,13 @@ def gelu_mlp(x, fc_weight, fc_bias, proj_weight, proj_bias):
     if not isinstance(fc_weight, Tensor) or not isinstance(x, Tensor):
         raise TypeError(f"x and fc_weight must be tensors, got {type(x).__name__} and {type(fc_weight).__name__}")
     compute = _compute_dtype(fc_weight)
-    tokens = x.numel() // max(x.shape[-1], 1) if x.dim() else 0
-    if not one_stream_fused(fc_weight, tokens, compute):
+    if not one_stream_fused(fc_weight, _tokens(x), compute):
         return F.linear(_torch_gelu(F.linear(x, fc_weight, fc_bias)), proj_weight, proj_bias)
     (x,), w1, b1, w2, b2 = _autocast_inputs((x,), fc_weight.device), fc_weight, fc_bias, proj_weight, proj_bias
-    for name, w in (("fc_weight", w1), ("proj_weight", w2)):
-        if not isinstance(w, Tensor) or w.dim() != 2:
-            raise ValueError(f"{name} must be a 2-D tensor, got {getattr(w, 'shape', type(w))}")
-    (f, m), n = w1.shape, w2.shape[0]
-    if w2.shape[1] != f:
-        raise ValueError(f"proj_weight {tuple(w2.shape)} must take fc_weight's {f} outputs as its inputs")
-    _check_tensor("proj_weight", w2, f, w1.dtype, w1.device)
-    for name, b, width in (("fc_bias", b1, f), ("proj_bias", b2, n)):
-        if b is not None:
-            _check_tensor(name, b, width, w1.dtype, w1.device)
-            if b.dim() != 1:
-                raise ValueError(f"{name} must be 1-D ({width},), got shape {tuple(b.shape)}")
+    _check_one_stream("fc_", w1, b1)
+    f, m = w1.shape
+    _check_one_stream("proj_", w2, b2, f, " (fc_weight's outputs)", like=w1)
+    n = w2.shape[0]
     _check_tensor("x", x, m, compute, w1.device)
     lead, x2 = x.shape[:-1], x.reshape(-1, m)
     _, y = _NestedGeluMLP.apply(x2.new_empty(x2.shape[0], 0), x2, w1, b1, None, None, w2, b2, None, None, (0, 0),
