@@ -32,7 +32,8 @@ def default_chunk_size(n_tokens, n_classes, width, dtype, device) -> int:
     """Tokens per chunk when `chunk_size=None`.
 
     GPU: the chunk's logits (2 heads x chunk x V) are kept near the size of the hidden
-    states (chunk ~ T * d / V, Liger-Kernel's rule of thumb), but at least `GPU_MIN_CHUNK`
+    states (chunk = T / ceil(V / d), rounded up to a multiple of 64: Liger-Kernel's rule of
+    thumb), but at least `GPU_MIN_CHUNK`
     tokens, and within a quarter of the free GPU memory. The floor is for dW: each chunk adds
     4 chunk V d FLOPs (both heads) into the fp32 accumulator and reads and writes its 8 V d
     bytes, so at d = 1024 a chunk below ~700 tokens leaves an H100's GEMM waiting on memory
