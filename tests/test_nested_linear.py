@@ -442,3 +442,16 @@ def test_one_stream_linear_bad_arguments(monkeypatch, device):
         ops.linear(x.half(), weight, bias)
     with pytest.raises(TypeError, match="x and weight must be tensors"):
         ops.linear(x, [[1.0]])
+
+
+def test_autocast_with_float64_parameters(backend, device):
+    """Parameters of a dtype the kernels do not write (float64) under autocast: computed in
+    the autocast dtype, their gradients cast back, as autograd's casts did."""
+    problem, sf = make_problem((9, 19, 45, 23, 71), one_input=True, shared=True, bias=True, dtype=torch.float64,
+                               device=device)
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        y_s, y_ta = nested_linear(problem["x_s"], None, problem["weight"], problem["bias"], student_features=sf)
+    assert y_s.dtype == y_ta.dtype == torch.bfloat16
+    (y_s.float().sum() + y_ta.float().sum()).backward()
+    assert problem["weight"].grad.dtype == problem["bias"].grad.dtype == torch.float64
+    assert torch.isfinite(problem["weight"].grad).all()

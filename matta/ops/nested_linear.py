@@ -241,13 +241,15 @@ def _nested_linear_backward_op(
     if _use_kernels(weight, grad_ta.shape[0]):
         from ..kernels import nested_linear as kernel
 
-        grads = kernel.nested_linear_backward(*args, _launch_options(kernel, weight), gelu_inputs=gelu_inputs,
-                                              param_dtype=param_dtype)
+        # The kernels write fp32 parameter gradients themselves; any other dtype is cast below.
+        grads = list(kernel.nested_linear_backward(
+            *args, _launch_options(kernel, weight), gelu_inputs=gelu_inputs,
+            param_dtype=torch.float32 if param_dtype == torch.float32 else None))
     else:
         grads = list(_torch_backward(*args))
         if gelu_inputs is not None:
             grads[0], grads[1] = _torch_gelu_grad(grads[0], gelu_s), _torch_gelu_grad(grads[1], gelu_ta)
-        grads[2:] = [None if g is None else g.to(param_dtype) for g in grads[2:]]
+    grads[2:] = [None if g is None else g.to(param_dtype) for g in grads[2:]]
     return tuple(_or_empty(g, grad_ta) for g in grads)
 
 
