@@ -799,8 +799,8 @@ def _register_nested_matmul_spec(name, dtype, precision, config, flags, unit_str
     signature["SPLIT_K"] = "i32" if split else "constexpr"
     constexprs = {
         **{a: 1 for a in unit_strides}, "ROW_SUMS": False, "ROW_SUMS2": False, "GELU": NO_GELU, **flags,
-        "PRECISION": precision,
-        "INTERPRETING": False, "INT64": int64, "ROUND_TO": round_to, "BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": GROUP_M,
+        "PRECISION": precision, "INTERPRETING": False, "INT64": int64, "ROUND_TO": round_to,
+        "BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": GROUP_M,
     }
     if not split:
         constexprs["SPLIT_K"] = 1

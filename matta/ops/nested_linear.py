@@ -20,7 +20,8 @@ dispatches to the Triton kernels (kernels/nested_linear.py) or to `_torch_forwar
 `_torch_backward` here. Its autograd (`_NestedLinear`) casts the parameters to autocast's
 dtype itself and asks `matta::nested_linear_backward` for gradients in the parameters' own
 dtype: the kernels write an fp32 weight gradient directly (the bits of the 16-bit gradient
-cast up), so no 16-bit gradient is stored and cast back. `nested_linear_reference` is the readable oracle the tests use.
+cast up), so no 16-bit gradient is stored and cast back. `nested_linear_reference` is the
+readable oracle the tests use.
 
 `nested_gelu_mlp` is an FFN of two nested Dense layers with GELU (tanh form) between them:
 the first layer's kernel writes the pre-activation and its GELU from one accumulator, and
@@ -457,7 +458,7 @@ def linear(x, weight, bias=None):
     compute = _compute_dtype(weight)
     if not one_stream_fused(weight, _tokens(x), compute):
         return F.linear(x, weight, bias)
-    _check_one_stream("", weight, bias, None)
+    _check_one_stream("", weight, bias)
     (x,) = _autocast_inputs((x,), weight.device)
     _check_tensor("x", x, weight.shape[1], compute, weight.device)
     lead, x2 = x.shape[:-1], x.reshape(-1, weight.shape[1])
