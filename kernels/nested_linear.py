@@ -50,9 +50,9 @@ from ._compile_specs import CompileSpec, record_launch, register_compile_spec
 from ._launches import count_launch
 
 NONE, SEPARATE, ADD, PREFIX = 0, 1, 2, 3
-_TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 NO_GELU, GELU_OUT, GELU_GRAD = 0, 1, 2
 GELU_LAUNCH_NAMES = {GELU_OUT: "nested_linear.matmul.gelu_out", GELU_GRAD: "nested_linear.matmul.gelu_grad"}
+_TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}  # the 16-bit dtypes ROUND_TO takes
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) per operand kind. 16-bit: two warpgroups on the
 # large tiles for Hopper's wgmma, smaller tiles for thin problems. A Student-block tile may

@@ -217,7 +217,7 @@ def _attention_cost(name, bound, read, written, card_kind):
 
 def _nested_linear_cost(name, args, card_kind, sm_count):
     """matta::nested_linear[_gelu] / matta::nested_linear_backward (see matta/ops/nested_linear.py);
-    n_s = 0 is the TA alone (`gelu_mlp`), whose Student terms vanish.
+    n_s = 0 is one stream alone (`linear`, `gelu_mlp`), whose Student terms vanish.
     GELU rides in the kernels' epilogues on a GPU (its outputs and inputs are bytes of the
     GEMM); on the CPU it is a pass of its own per stream."""
     if name in ("matta::nested_linear", "matta::nested_linear_gelu"):

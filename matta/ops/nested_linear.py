@@ -432,14 +432,27 @@ def _check_one_stream(name, weight, bias, width=None, source="", like=None):
             raise ValueError(f"{name}bias must be 1-D ({weight.shape[0]},), got shape {tuple(bias.shape)}")
 
 
-def _tokens(x):
-    return x.numel() // max(x.shape[-1], 1) if x.dim() else 0
-
-
 def one_stream_fused(weight, tokens, dtype) -> bool:
     """Whether the one-stream layers (`linear`, `gelu_mlp`) run the nested kernels: the nested
     Dense op's dispatch for `dtype`, the dtype it computes in (autocast's under autocast)."""
     return _use_kernels(weight, tokens, dtype)
+
+
+def _one_stream_compute(x, weight, weight_name):
+    """The dtype a one-stream layer computes in where it runs the nested kernels, else None."""
+    if not isinstance(weight, Tensor) or not isinstance(x, Tensor):
+        raise TypeError(f"x and {weight_name} must be tensors, got {type(x).__name__} and {type(weight).__name__}")
+    compute = _compute_dtype(weight)
+    tokens = x.numel() // max(x.shape[-1], 1) if x.dim() else 0
+    return compute if one_stream_fused(weight, tokens, compute) else None
+
+
+def _one_stream_tokens(x, width, compute, device):
+    """(leading dims, x as (tokens, width) in `compute`, the empty Student input beside it)."""
+    (x,) = _autocast_inputs((x,), device)
+    _check_tensor("x", x, width, compute, device)
+    x2 = x.reshape(-1, width)
+    return x.shape[:-1], x2, x2.new_empty(x2.shape[0], 0)
 
 
 def linear(x, weight, bias=None):
@@ -453,16 +466,12 @@ def linear(x, weight, bias=None):
     Returns:
         (..., N).
     """
-    if not isinstance(weight, Tensor) or not isinstance(x, Tensor):
-        raise TypeError(f"x and weight must be tensors, got {type(x).__name__} and {type(weight).__name__}")
-    compute = _compute_dtype(weight)
-    if not one_stream_fused(weight, _tokens(x), compute):
+    compute = _one_stream_compute(x, weight, "weight")
+    if compute is None:
         return F.linear(x, weight, bias)
     _check_one_stream("", weight, bias)
-    (x,) = _autocast_inputs((x,), weight.device)
-    _check_tensor("x", x, weight.shape[1], compute, weight.device)
-    lead, x2 = x.shape[:-1], x.reshape(-1, weight.shape[1])
-    _, y = _NestedLinear.apply(x2.new_empty(x2.shape[0], 0), x2, weight, bias, None, None, 0, 0, False, compute)
+    lead, x2, empty = _one_stream_tokens(x, weight.shape[1], compute, weight.device)
+    _, y = _NestedLinear.apply(empty, x2, weight, bias, None, None, 0, 0, False, compute)
     return y.reshape(*lead, weight.shape[0])
 
 
@@ -561,18 +570,13 @@ def gelu_mlp(x, fc_weight, fc_bias, proj_weight, proj_bias):
     Returns:
         (..., N).
     """
-    if not isinstance(fc_weight, Tensor) or not isinstance(x, Tensor):
-        raise TypeError(f"x and fc_weight must be tensors, got {type(x).__name__} and {type(fc_weight).__name__}")
-    compute = _compute_dtype(fc_weight)
-    if not one_stream_fused(fc_weight, _tokens(x), compute):
+    compute = _one_stream_compute(x, fc_weight, "fc_weight")
+    if compute is None:
         return F.linear(_torch_gelu(F.linear(x, fc_weight, fc_bias)), proj_weight, proj_bias)
-    (x,), w1, b1, w2, b2 = _autocast_inputs((x,), fc_weight.device), fc_weight, fc_bias, proj_weight, proj_bias
-    _check_one_stream("fc_", w1, b1)
-    f, m = w1.shape
-    _check_one_stream("proj_", w2, b2, f, " (fc_weight's outputs)", like=w1)
-    n = w2.shape[0]
-    _check_tensor("x", x, m, compute, w1.device)
-    lead, x2 = x.shape[:-1], x.reshape(-1, m)
-    _, y = _NestedGeluMLP.apply(x2.new_empty(x2.shape[0], 0), x2, w1, b1, None, None, w2, b2, None, None, (0, 0),
+    _check_one_stream("fc_", fc_weight, fc_bias)
+    f, m = fc_weight.shape
+    _check_one_stream("proj_", proj_weight, proj_bias, f, " (fc_weight's outputs)", like=fc_weight)
+    lead, x2, empty = _one_stream_tokens(x, m, compute, fc_weight.device)
+    _, y = _NestedGeluMLP.apply(empty, x2, fc_weight, fc_bias, None, None, proj_weight, proj_bias, None, None, (0, 0),
                                 (0, 0), compute)
-    return y.reshape(*lead, n)
+    return y.reshape(*lead, proj_weight.shape[0])
